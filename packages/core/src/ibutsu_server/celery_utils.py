@@ -1,0 +1,119 @@
+"""Celery configuration and the broker-only factory.
+
+This module must never import Flask, SQLAlchemy or a database driver, not even indirectly:
+the Flower role builds its app from here and its image carries none of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+from celery import Celery
+
+from ibutsu_server.settings import ConfigError, Role, Settings, load_settings, redact_url
+
+log = logging.getLogger(__name__)
+
+# Seconds a Redis socket may block before the call fails and is retried by the caller.
+REDIS_SOCKET_TIMEOUT = 30
+REDIS_HEALTH_CHECK_INTERVAL = 25
+EMBEDDED_POLLING_INTERVAL = 0.2
+
+
+def settings_or_exit(role: Role) -> Settings:
+    """Load the role's settings, or print every problem and exit with status 2.
+
+    Used by the entry points, where a traceback would only hide the message.
+    """
+    try:
+        return load_settings(role)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _broker_transport_options(settings: Settings) -> dict[str, Any]:
+    if settings.embedded_dir is not None:
+        queue_dir = settings.embedded_dir / "broker" / "queue"
+        processed_dir = settings.embedded_dir / "broker" / "processed"
+        control_dir = settings.embedded_dir / "broker" / "control"
+        for folder in (queue_dir, processed_dir, control_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        return {
+            "data_folder_in": str(queue_dir),
+            "data_folder_out": str(queue_dir),
+            "processed_folder": str(processed_dir),
+            "control_folder": str(control_dir),
+            "store_processed": False,
+            "polling_interval": EMBEDDED_POLLING_INTERVAL,
+        }
+    return {
+        "visibility_timeout": settings.visibility_timeout,
+        "socket_timeout": REDIS_SOCKET_TIMEOUT,
+        "socket_connect_timeout": REDIS_SOCKET_TIMEOUT,
+        "health_check_interval": REDIS_HEALTH_CHECK_INTERVAL,
+        "retry_on_timeout": True,
+    }
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The Celery settings every role shares, as plain Celery configuration keys."""
+    return {
+        "broker_url": settings.broker_url,
+        "result_backend": settings.result_backend,
+        "broker_transport_options": _broker_transport_options(settings),
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        # JSON only: pickle from a shared broker would be remote code execution.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # A task is acknowledged only once it has finished, so a killed worker loses nothing.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_time_limit": settings.task_time_limit,
+        "result_expires": settings.result_expires,
+        "result_extended": False,
+        "redis_socket_timeout": REDIS_SOCKET_TIMEOUT,
+        "redis_socket_connect_timeout": REDIS_SOCKET_TIMEOUT,
+        "redis_backend_health_check_interval": REDIS_HEALTH_CHECK_INTERVAL,
+        "redis_retry_on_timeout": True,
+        "worker_concurrency": settings.worker_concurrency,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        "timezone": "UTC",
+        "enable_utc": True,
+    }
+
+
+def create_celery(
+    settings: Settings,
+    *,
+    include: Iterable[str] = (),
+    celery_cls: type[Celery] = Celery,
+    **kwargs: Any,
+) -> Celery:
+    """Build a configured Celery app for ``settings`` and log where it points (redacted)."""
+    app = celery_cls(f"ibutsu_{settings.role.value}", include=list(include), **kwargs)
+    app.conf.update(celery_config(settings))
+    if settings.embedded:
+        log.warning(
+            "ibutsu %s: no CELERY_BROKER_URL or POSTGRESQL_* set, running embedded: "
+            "SQLite database and filesystem broker in %s",
+            settings.role.value,
+            settings.embedded_dir,
+        )
+    else:
+        log.info("ibutsu %s: broker %s", settings.role.value, redact_url(settings.broker_url))
+    return app
+
+
+def create_broker_celery_app(settings: Settings | None = None) -> Celery:
+    """A broker-only Celery app (Flower): no Flask, no database, runs no task of its own."""
+    return create_celery(settings or settings_or_exit(Role.FLOWER))

@@ -1,0 +1,107 @@
+"""Engines and sessions, and work deferred until a transaction commits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import URL, Engine, create_engine, event
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
+
+from ibutsu_server.settings import DatabaseSettings
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+
+# Where a Flask app keeps its Database.
+EXTENSION = "ibutsu_db"
+
+# Recycle connections before common server and proxy idle timeouts drop them.
+POOL_RECYCLE_SECONDS = 1800
+SQLITE_BUSY_TIMEOUT_SECONDS = 30
+_AFTER_COMMIT = "ibutsu_after_commit"
+
+
+def database_url(settings: DatabaseSettings) -> URL:
+    """The SQLAlchemy URL for ``settings``; URL.create escapes the password correctly."""
+    if settings.sqlite_path is not None:
+        return URL.create("sqlite", database=str(settings.sqlite_path))
+    return URL.create(
+        "postgresql+psycopg2",
+        username=settings.user,
+        password=settings.password or None,
+        host=settings.host,
+        port=settings.port,
+        database=settings.database,
+    )
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # SQLite ignores foreign keys (and so ON DELETE rules) unless asked, per connection.
+    cursor.execute("PRAGMA foreign_keys=ON")
+    # WAL lets the command line read while a worker writes.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.close()
+
+
+def make_engine(settings: DatabaseSettings, **kwargs: Any) -> Engine:
+    """An engine with health checks on checkout and connection recycling."""
+    url = database_url(settings)
+    if settings.sqlite_path is not None:
+        settings.sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS}, **kwargs
+        )
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_recycle=POOL_RECYCLE_SECONDS,
+        connect_args={"connect_timeout": 10, "application_name": "ibutsu-tasks"},
+        **kwargs,
+    )
+
+
+def after_commit(session: Session, callback: Callable[[], Any]) -> None:
+    """Run ``callback`` once the session's current transaction commits; drop it on rollback.
+
+    Tasks use this to enqueue follow-up work, so no task ever sees uncommitted rows.
+    """
+    session.info.setdefault(_AFTER_COMMIT, []).append(callback)
+
+
+def _run_after_commit(session: Session) -> None:
+    callbacks = session.info.pop(_AFTER_COMMIT, [])
+    for callback in callbacks:
+        callback()
+
+
+def _discard_after_commit(session: Session, previous_transaction: Any) -> None:
+    # A rolled-back savepoint leaves the outer transaction, and its callbacks, alive.
+    if not previous_transaction.nested:
+        session.info.pop(_AFTER_COMMIT, None)
+
+
+def make_session_factory(engine: Engine) -> scoped_session[Session]:
+    """A thread-scoped session registry whose sessions honour :func:`after_commit`."""
+    factory = sessionmaker(bind=engine, expire_on_commit=False)
+    event.listen(factory, "after_commit", _run_after_commit)
+    event.listen(factory, "after_soft_rollback", _discard_after_commit)
+    return scoped_session(factory)
+
+
+class Database:
+    """The engine and the thread-scoped session registry of one Flask app."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.session: scoped_session[Session] = make_session_factory(engine)
+
+
+def database(app: Flask) -> Database:
+    """The :class:`Database` that ``create_flask_app`` stored on a Flask app."""
+    db: Database = app.extensions[EXTENSION]
+    return db

@@ -1,0 +1,253 @@
+"""Typed settings, parsed once from the environment and validated per role.
+
+Nothing here imports Celery, Flask or SQLAlchemy: the Flower role loads this module too.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+EMBEDDED_DIR_VAR = "IBUTSU_EMBEDDED_DIR"
+DEFAULT_EMBEDDED_DIR = "var/embedded"
+POSTGRESQL_VARS = (
+    "POSTGRESQL_HOST",
+    "POSTGRESQL_PORT",
+    "POSTGRESQL_USER",
+    "POSTGRESQL_PASSWORD",
+    "POSTGRESQL_DATABASE",
+)
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# Without a task time limit, a Redis message is redelivered after this long unacknowledged.
+DEFAULT_VISIBILITY_TIMEOUT = 6 * 3600
+# Redelivery must never overtake a task that is still allowed to run.
+VISIBILITY_MARGIN = 300
+
+
+class Role(enum.Enum):
+    """The three processes this project runs, plus the operator's command line."""
+
+    WORKER = "worker"
+    SCHEDULER = "scheduler"
+    FLOWER = "flower"
+
+    @property
+    def needs_database(self) -> bool:
+        return self is not Role.FLOWER
+
+
+class ConfigError(Exception):
+    """Every problem found in the environment for one role, reported together."""
+
+    def __init__(self, role: Role, problems: list[str]) -> None:
+        self.role = role
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"ibutsu {role.value}: invalid configuration:\n{lines}")
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    """Where the database is: PostgreSQL components, or an SQLite file (embedded default)."""
+
+    host: str = ""
+    port: int = 5432
+    user: str = ""
+    password: str = ""
+    database: str = ""
+    sqlite_path: Path | None = None
+
+    @property
+    def display(self) -> str:
+        """A description safe to log: never contains the password."""
+        if self.sqlite_path is not None:
+            return f"sqlite:///{self.sqlite_path}"
+        return f"postgresql://{self.user}@{self.host}:{self.port}/{self.database}"
+
+
+@dataclass(frozen=True)
+class ImportLimits:
+    """Bounds on what one import may bring in; each error names the variable that sets it."""
+
+    max_upload_bytes: int = 512 * 1024 * 1024
+    max_results: int = 2_000_000
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a role needs from its environment, already validated."""
+
+    role: Role
+    broker_url: str
+    result_backend: str | None
+    database: DatabaseSettings | None
+    embedded_dir: Path | None
+    flower_basic_auth: str | None
+    worker_concurrency: int
+    result_expires: int
+    task_time_limit: int | None
+    visibility_timeout: int
+    worker_loglevel: str
+    import_limits: ImportLimits
+
+    @property
+    def embedded(self) -> bool:
+        return self.embedded_dir is not None
+
+
+def redact_url(url: str) -> str:
+    """Replace the password of a URL with '***' so the URL can be logged or shown."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+class _Reader:
+    """Reads variables from one environment and collects every problem instead of stopping."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.environ = environ
+        self.problems: list[str] = []
+
+    def text(self, name: str, *, required: bool) -> str:
+        value = self.environ.get(name, "").strip()
+        if required and not value:
+            self.problems.append(f"{name} is not set")
+        return value
+
+    def integer(self, name: str, default: int | None, *, minimum: int) -> int | None:
+        raw = self.environ.get(name, "").strip()
+        if not raw:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            self.problems.append(f"{name} must be an integer, got {raw!r}")
+            return default
+        if value < minimum:
+            self.problems.append(f"{name} must be at least {minimum}, got {value}")
+            return default
+        return value
+
+    def url(self, name: str, *, required: bool, schemes: tuple[str, ...]) -> str:
+        value = self.text(name, required=required)
+        if value and urlsplit(value).scheme not in schemes:
+            self.problems.append(
+                f"{name} must be a URL with scheme {' or '.join(schemes)}, got {redact_url(value)!r}"
+            )
+        return value
+
+
+BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "sentinel", "filesystem")
+BACKEND_SCHEMES = ("redis", "rediss", "sentinel", "rpc", "db+postgresql", "db+sqlite")
+
+
+def _embedded_requested(role: Role, environ: Mapping[str, str]) -> bool:
+    if not role.needs_database:
+        return False
+    configured = ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", *POSTGRESQL_VARS)
+    return not any(environ.get(name, "").strip() for name in configured)
+
+
+def _read_database(reader: _Reader) -> DatabaseSettings:
+    port = reader.integer("POSTGRESQL_PORT", 5432, minimum=1)
+    if port is not None and port > 65535:
+        reader.problems.append(f"POSTGRESQL_PORT must be at most 65535, got {port}")
+    return DatabaseSettings(
+        host=reader.text("POSTGRESQL_HOST", required=True),
+        port=port or 5432,
+        user=reader.text("POSTGRESQL_USER", required=True),
+        password=reader.text("POSTGRESQL_PASSWORD", required=False),
+        database=reader.text("POSTGRESQL_DATABASE", required=True),
+    )
+
+
+def _read_flower_auth(reader: _Reader) -> str:
+    value = reader.text("FLOWER_BASIC_AUTH", required=True)
+    if not value:
+        return value
+    user, sep, password = value.partition(":")
+    if not sep or not user:
+        reader.problems.append("FLOWER_BASIC_AUTH must be 'user:password' with a non-empty user")
+    elif len(password) < 12:
+        reader.problems.append("FLOWER_BASIC_AUTH password must be at least 12 characters")
+    return value
+
+
+def load_settings(role: Role, environ: Mapping[str, str] | None = None) -> Settings:
+    """Parse and validate the environment for ``role``; raise ConfigError listing every problem."""
+    env = os.environ if environ is None else environ
+    reader = _Reader(env)
+    embedded_dir: Path | None = None
+    database: DatabaseSettings | None = None
+    if _embedded_requested(role, env):
+        embedded_dir = Path(env.get(EMBEDDED_DIR_VAR, DEFAULT_EMBEDDED_DIR)).absolute()
+        broker_url = "filesystem://"  # folders set in celery_utils
+        result_backend: str | None = None
+        database = DatabaseSettings(sqlite_path=embedded_dir / "ibutsu.sqlite3")
+    else:
+        broker_url = reader.url("CELERY_BROKER_URL", required=True, schemes=BROKER_SCHEMES)
+        result_backend = (
+            reader.url("CELERY_RESULT_BACKEND", required=True, schemes=BACKEND_SCHEMES) or None
+        )
+        if role.needs_database:
+            database = _read_database(reader)
+
+    flower_auth = _read_flower_auth(reader) if role is Role.FLOWER else None
+    time_limit = reader.integer("CELERY_TASK_TIME_LIMIT", None, minimum=1)
+    visibility = reader.integer(
+        "CELERY_VISIBILITY_TIMEOUT",
+        (time_limit + VISIBILITY_MARGIN) if time_limit else DEFAULT_VISIBILITY_TIMEOUT,
+        minimum=1,
+    )
+    if time_limit and visibility and visibility <= time_limit:
+        reader.problems.append(
+            f"CELERY_VISIBILITY_TIMEOUT ({visibility}) must be longer than "
+            f"CELERY_TASK_TIME_LIMIT ({time_limit}), or running tasks are delivered twice"
+        )
+    loglevel = env.get("CELERY_WORKER_LOGLEVEL", "info").strip().lower() or "info"
+    if loglevel not in LOG_LEVELS:
+        reader.problems.append(
+            f"CELERY_WORKER_LOGLEVEL must be one of {', '.join(LOG_LEVELS)}, got {loglevel!r}"
+        )
+    concurrency = reader.integer("CELERY_WORKER_CONCURRENCY", 1, minimum=1)
+    expires = reader.integer("CELERY_RESULT_EXPIRES", 86400, minimum=0)
+
+    defaults = ImportLimits()
+    limits = ImportLimits(
+        max_upload_bytes=reader.integer(
+            "IBUTSU_IMPORT_MAX_UPLOAD_BYTES", defaults.max_upload_bytes, minimum=1
+        )
+        or defaults.max_upload_bytes,
+        max_results=reader.integer("IBUTSU_IMPORT_MAX_RESULTS", defaults.max_results, minimum=1)
+        or defaults.max_results,
+    )
+
+    if reader.problems:
+        raise ConfigError(role, reader.problems)
+    return Settings(
+        role=role,
+        broker_url=broker_url,
+        result_backend=result_backend,
+        database=database,
+        embedded_dir=embedded_dir,
+        flower_basic_auth=flower_auth,
+        worker_concurrency=concurrency or 1,
+        result_expires=86400 if expires is None else expires,
+        task_time_limit=time_limit,
+        visibility_timeout=visibility or DEFAULT_VISIBILITY_TIMEOUT,
+        worker_loglevel=loglevel,
+        import_limits=limits,
+    )

@@ -1,0 +1,1 @@
+"""The Flower role: broker-only monitoring, no database."""

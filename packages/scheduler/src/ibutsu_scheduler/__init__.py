@@ -1,0 +1,1 @@
+"""The scheduler role: runs beat, sends periodic tasks to the workers, executes nothing."""

@@ -1,0 +1,1 @@
+"""The worker role: executes every Ibutsu task."""

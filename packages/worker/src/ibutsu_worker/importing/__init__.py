@@ -1,0 +1,1 @@
+"""Turning uploaded reports into runs and results: format detection, parsers, storage."""

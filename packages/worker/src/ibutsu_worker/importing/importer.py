@@ -1,0 +1,146 @@
+"""One import, exactly once: lock it, parse its stored report, land the run whole or not at all."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from ibutsu_server.db.models import Import, ImportFile, ImportStatus, Project, Run, utcnow
+from ibutsu_server.settings import ImportLimits
+from ibutsu_worker.importing.errors import ReportError
+from ibutsu_worker.importing.junit import NOT_A_REPORT, JUnitParser
+from ibutsu_worker.importing.store import ResultWriter
+from ibutsu_worker.summaries import update_run_summary
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 1024 * 1024
+GZIP_MAGIC = b"\x1f\x8b"
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def detect_format(head: bytes) -> str:
+    """'junit' or 'archive' from the first bytes of the content, never from the file name."""
+    if head.startswith(GZIP_MAGIC):
+        return "archive"
+    if head.removeprefix(_UTF8_BOM).lstrip().startswith(b"<"):
+        return "junit"
+    raise ReportError(NOT_A_REPORT)
+
+
+def content_chunks(session: Session, import_file_id: uuid.UUID, length: int) -> Iterator[bytes]:
+    """The stored report in CHUNK_SIZE slices, so the whole file is never in memory at once."""
+    for offset in range(0, length, CHUNK_SIZE):
+        chunk = session.scalar(
+            select(func.substr(ImportFile.content, offset + 1, CHUNK_SIZE)).where(
+                ImportFile.id == import_file_id
+            )
+        )
+        yield bytes(chunk or b"")
+
+
+def _project_id(session: Session, name: str | None) -> uuid.UUID | None:
+    if not name:
+        return None
+    project_id = session.scalar(select(Project.id).where(Project.name == name))
+    if project_id is None:
+        project = Project(name=name, title=name)
+        session.add(project)
+        session.flush()
+        project_id = project.id
+    return project_id
+
+
+def claim(session: Session, import_id: uuid.UUID) -> bool:
+    """Mark a pending (or interrupted) import as running; False when there is nothing to do."""
+    record = session.get(Import, import_id, with_for_update=True)
+    if record is None:
+        log.warning("import %s does not exist; nothing to do", import_id)
+        return False
+    if record.status in (ImportStatus.DONE, ImportStatus.FAILED):
+        log.info("import %s is already %s; nothing to do", import_id, record.status)
+        return False
+    record.status = ImportStatus.RUNNING
+    record.started = utcnow()
+    return True
+
+
+def run_import(session: Session, import_id: uuid.UUID, limits: ImportLimits) -> dict[str, Any] | None:
+    """Import the report of ``import_id`` inside the session's transaction.
+
+    The import row stays locked until the caller commits, so a second delivery of the same
+    task waits and then finds the import done. Raises ReportError for bad input.
+    """
+    record = session.get(Import, import_id, with_for_update=True, populate_existing=True)
+    if record is None or record.status in (ImportStatus.DONE, ImportStatus.FAILED):
+        return None
+    stored = session.execute(
+        select(ImportFile.id, func.length(ImportFile.content)).where(
+            ImportFile.import_id == import_id
+        )
+    ).first()
+    if stored is None or stored[1] is None:
+        raise ReportError("the uploaded file is missing: nothing was stored for this import")
+    file_id, length = stored
+    if length > limits.max_upload_bytes:
+        raise ReportError(
+            f"the report is {length} bytes, over the upload limit of {limits.max_upload_bytes} "
+            "bytes (IBUTSU_IMPORT_MAX_UPLOAD_BYTES)"
+        )
+    chunks = content_chunks(session, file_id, length)
+    head = next(chunks, b"")
+    fmt = detect_format(head)
+    if fmt != "junit":
+        raise ReportError("Ibutsu archives are not supported by this worker version")
+
+    info = record.data or {}
+    project_id = _project_id(session, info.get("project"))
+    run = Run(
+        project_id=project_id,
+        component=info.get("component"),
+        env=info.get("env"),
+        source=info.get("source"),
+        data={"import_id": str(import_id), **(info.get("metadata") or {})},
+    )
+    session.add(run)
+    session.flush()
+    writer = ResultWriter(
+        session, run_id=run.id, project_id=project_id,
+        component=run.component, env=run.env, source=run.source,
+    )
+    parser = JUnitParser(max_results=limits.max_results)
+    writer.add_all(parser.parse(_prepend(head, chunks)))
+    run.data = {**(run.data or {}), "suites": parser.suite_names[:100]}
+    if parser.suite_properties:
+        run.data["properties"] = parser.suite_properties
+    session.flush()
+    summary = update_run_summary(session, run.id)
+
+    record.format = fmt
+    record.status = ImportStatus.DONE
+    record.run_id = run.id
+    record.result_count = writer.written
+    record.message = None
+    record.finished = utcnow()
+    # The report has served its purpose; keep the row, drop the bytes.
+    session.execute(update(ImportFile).where(ImportFile.id == file_id).values(content=None))
+    return {"run_id": str(run.id), "results": writer.written, "summary": summary}
+
+
+def _prepend(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
+    yield first
+    yield from rest
+
+
+def mark_failed(session: Session, import_id: uuid.UUID, message: str) -> None:
+    """Record a failed import with a message the uploader can act on."""
+    session.execute(
+        update(Import)
+        .where(Import.id == import_id, Import.status != ImportStatus.DONE)
+        .values(status=ImportStatus.FAILED, message=message, finished=utcnow(), result_count=0)
+    )
