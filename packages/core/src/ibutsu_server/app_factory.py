@@ -14,6 +14,7 @@ from ibutsu_server.db.engine import EXTENSION, Database, database, make_engine
 from ibutsu_server.ibutsu_task import IbutsuTask
 from ibutsu_server.settings import Role, Settings
 
+
 def create_flask_app(settings: Settings) -> Flask:
     """A Flask app holding the database for ``settings``; its context is pushed per task."""
     if settings.database is None:
@@ -35,7 +36,7 @@ def create_flask_celery_app(
     settings = settings or settings_or_exit(role)
     flask_app = create_flask_app(settings)
     celery_app = create_celery(settings, include=include, task_cls=IbutsuTask, **celery_kwargs)
-    celery_app.flask_app = flask_app  # type: ignore[attr-defined]
+    celery_app.flask_app = flask_app
 
     def _dispose_inherited_pool(**_kwargs: Any) -> None:
         # A forked pool child must not share the parent's sockets: drop them, don't close them.

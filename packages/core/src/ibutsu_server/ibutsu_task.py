@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from ibutsu_server.db.engine import Database, after_commit, database
 
 log = logging.getLogger(__name__)
+_JITTER = random.Random()  # noqa: S311 - spreading retries, not cryptography
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     sa_exc.OperationalError,  # server gone, deadlock, serialization failure
@@ -43,11 +44,13 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, TRANSIENT_ERRORS)
 
 
-def backoff_delay(retries: int, *, base: float, cap: float, rng: random.Random | None = None) -> float:
+def backoff_delay(
+    retries: int, *, base: float, cap: float, rng: random.Random | None = None
+) -> float:
     """Seconds before retry number ``retries + 1``: base·2^retries capped at ``cap``, the
     upper half jittered so that workers that failed together do not retry together."""
-    ceiling = min(cap, base * (2**retries))
-    return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
+    ceiling = min(cap, base * 2.0**retries)
+    return ceiling / 2 + (rng or _JITTER).uniform(0, ceiling / 2)
 
 
 class IbutsuTask(Task):  # type: ignore[misc]
@@ -85,7 +88,9 @@ class IbutsuTask(Task):  # type: ignore[misc]
                 session.rollback()
                 if is_transient(exc):
                     delay = backoff_delay(
-                        self.request.retries, base=self.retry_backoff_base, cap=self.retry_backoff_cap
+                        self.request.retries,
+                        base=self.retry_backoff_base,
+                        cap=self.retry_backoff_cap,
                     )
                     log.warning(
                         "%s[%s]: transient %s, retry %d/%d in %.1fs",

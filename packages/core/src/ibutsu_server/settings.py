@@ -145,7 +145,8 @@ class _Reader:
         value = self.text(name, required=required)
         if value and urlsplit(value).scheme not in schemes:
             self.problems.append(
-                f"{name} must be a URL with scheme {' or '.join(schemes)}, got {redact_url(value)!r}"
+                f"{name} must be a URL with scheme {' or '.join(schemes)}, "
+                f"got {redact_url(value)!r}"
             )
         return value
 

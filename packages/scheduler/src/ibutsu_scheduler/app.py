@@ -2,6 +2,7 @@
 
 from ibutsu_server.app_factory import create_flask_celery_app
 from ibutsu_server.settings import Role
+
 from ibutsu_scheduler.schedule import beat_schedule
 
 app = create_flask_celery_app(Role.SCHEDULER)

@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from celery import Celery
-from sqlalchemy.orm import Session
-
 from ibutsu_server.db.engine import after_commit, database
 from ibutsu_server.db.migrate import upgrade
 from ibutsu_server.db.models import Import, ImportFile, ImportStatus, Run
 from ibutsu_server.settings import EMBEDDED_DIR_VAR, ConfigError, Role, Settings, load_settings
+from sqlalchemy.orm import Session
+
 from ibutsu_worker.factory import create_worker_app
 
 IMPORT_TASK = "ibutsu_server.tasks.importers.import_results"
@@ -130,7 +130,9 @@ class Operator:
         finally:
             self.db.session.remove()
 
-    def wait(self, import_ids: Sequence[str], timeout: float, progress: TextIO | None) -> list[Outcome]:
+    def wait(
+        self, import_ids: Sequence[str], timeout: float, progress: TextIO | None
+    ) -> list[Outcome]:
         """Poll until every import is done or failed; CommandError after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         finished: dict[str, Outcome] = {}
@@ -141,8 +143,11 @@ class Operator:
                     if outcome.status in (ImportStatus.DONE, ImportStatus.FAILED):
                         finished[import_id] = outcome
                         if progress is not None:
-                            print(f"[{len(finished)}/{len(import_ids)}] {outcome.file}: "
-                                  f"{outcome.status}", file=progress)
+                            print(
+                                f"[{len(finished)}/{len(import_ids)}] {outcome.file}: "
+                                f"{outcome.status}",
+                                file=progress,
+                            )
             if len(finished) < len(import_ids):
                 if time.monotonic() > deadline:
                     raise CommandError(
@@ -171,8 +176,16 @@ class DemoWorker:
         with self.log_path.open("wb") as log_file:
             self.process = subprocess.Popen(
                 [
-                    sys.executable, "-m", "celery", "-A", "ibutsu_server:worker_app", "worker",
-                    "--concurrency=1", "--loglevel=INFO", "--without-mingle", "--without-gossip",
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "ibutsu_server:worker_app",
+                    "worker",
+                    "--concurrency=1",
+                    "--loglevel=INFO",
+                    "--without-mingle",
+                    "--without-gossip",
                     f"--hostname=demo-{os.getpid()}@%h",
                 ],
                 stdout=log_file,
@@ -207,7 +220,11 @@ def _demo(args: argparse.Namespace, operator: Operator) -> int:
         target = (operator.settings.embedded_dir or Path.cwd()) / SAMPLE
         target.write_bytes(sample.read_bytes())
         reports = [target]
-    where = "embedded (SQLite + filesystem broker)" if operator.settings.embedded else "configured services"
+    where = (
+        "embedded (SQLite + filesystem broker)"
+        if operator.settings.embedded
+        else "configured services"
+    )
     print(f"demo: {len(reports)} report(s), {where}, starting a worker", file=progress)
     embedded_dir = operator.settings.embedded_dir
     log_path = (embedded_dir or Path("var")) / "demo-worker.log"
@@ -218,16 +235,21 @@ def _demo(args: argparse.Namespace, operator: Operator) -> int:
         outcomes = operator.wait(import_ids, args.timeout, progress)
     _print_outcomes(outcomes, args.json)
     done = sum(outcome.status == ImportStatus.DONE for outcome in outcomes)
-    print(f"demo: {done} done, {len(outcomes) - done} failed; worker log: {log_path}", file=progress)
+    print(
+        f"demo: {done} done, {len(outcomes) - done} failed; worker log: {log_path}", file=progress
+    )
     return 0
 
 
 def _import(args: argparse.Namespace, operator: Operator) -> int:
     import_ids = [operator.submit(Path(path), args.project) for path in args.files]
     if not args.wait:
-        for path, import_id in zip(args.files, import_ids):
-            print(json.dumps({"file": path, "import_id": import_id}) if args.json
-                  else f"{path}: queued as import {import_id}")
+        for path, import_id in zip(args.files, import_ids, strict=False):
+            print(
+                json.dumps({"file": path, "import_id": import_id})
+                if args.json
+                else f"{path}: queued as import {import_id}"
+            )
         return 0
     outcomes = operator.wait(import_ids, args.timeout, None if args.json else sys.stderr)
     _print_outcomes(outcomes, args.json)
@@ -245,7 +267,8 @@ def _status(args: argparse.Namespace, operator: Operator) -> int:
 
 def _db(args: argparse.Namespace, operator: Operator) -> int:
     operator.upgrade()
-    print(f"schema is up to date in {operator.settings.database.display if operator.settings.database else '?'}")
+    assert operator.settings.database is not None  # the worker role always has one
+    print(f"schema is up to date in {operator.settings.database.display}")
     return 0
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-
 from ibutsu_server.app_factory import create_flask_celery_app
 from ibutsu_server.settings import Role, Settings
 
@@ -34,4 +33,3 @@ def create_worker_app(settings: Settings | None = None, **kwargs: Any) -> Celery
     )
     app.loader.import_default_modules()
     return app
-

@@ -5,10 +5,9 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from ibutsu_server.db.models import Result, Run, empty_summary
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
-
-from ibutsu_server.db.models import Result, Run, empty_summary
 
 # results.result -> the summary counter it adds to (besides "tests").
 COUNTERS = {
@@ -55,7 +54,9 @@ def update_run_summary(session: Session, run_id: uuid.UUID) -> dict[str, Any] | 
         ).where(Result.run_id == run_id)
     ).one()
     values: dict[str, Any] = {"summary": summary}
-    for column, value in zip(("start_time", "duration", "component", "env", "source"), fill):
+    for column, value in zip(
+        ("start_time", "duration", "component", "env", "source"), fill, strict=False
+    ):
         if getattr(run, column) is None and value is not None:
             values[column] = value
     session.execute(update(Run).where(Run.id == run_id).values(**values))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -84,7 +84,7 @@ class ImportStatus(enum.StrEnum):
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {dict[str, Any]: JSONType, uuid.UUID: Uuid()}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSONType, uuid.UUID: Uuid()}
 
 
 def _uuid_pk() -> Mapped[uuid.UUID]:

@@ -7,11 +7,11 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+from ibutsu_server.db.models import Import, ImportFile, ImportStatus, Project, Run, utcnow
+from ibutsu_server.settings import ImportLimits
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from ibutsu_server.db.models import Import, ImportFile, ImportStatus, Project, Run, utcnow
-from ibutsu_server.settings import ImportLimits
 from ibutsu_worker.importing.errors import ReportError
 from ibutsu_worker.importing.junit import NOT_A_REPORT, JUnitParser
 from ibutsu_worker.importing.store import ResultWriter
@@ -70,7 +70,9 @@ def claim(session: Session, import_id: uuid.UUID) -> bool:
     return True
 
 
-def run_import(session: Session, import_id: uuid.UUID, limits: ImportLimits) -> dict[str, Any] | None:
+def run_import(
+    session: Session, import_id: uuid.UUID, limits: ImportLimits
+) -> dict[str, Any] | None:
     """Import the report of ``import_id`` inside the session's transaction.
 
     The import row stays locked until the caller commits, so a second delivery of the same
@@ -86,7 +88,8 @@ def run_import(session: Session, import_id: uuid.UUID, limits: ImportLimits) -> 
     ).first()
     if stored is None or stored[1] is None:
         raise ReportError("the uploaded file is missing: nothing was stored for this import")
-    file_id, length = stored
+    file_id: uuid.UUID = stored[0]
+    length = int(stored[1])
     if length > limits.max_upload_bytes:
         raise ReportError(
             f"the report is {length} bytes, over the upload limit of {limits.max_upload_bytes} "
@@ -110,8 +113,12 @@ def run_import(session: Session, import_id: uuid.UUID, limits: ImportLimits) -> 
     session.add(run)
     session.flush()
     writer = ResultWriter(
-        session, run_id=run.id, project_id=project_id,
-        component=run.component, env=run.env, source=run.source,
+        session,
+        run_id=run.id,
+        project_id=project_id,
+        component=run.component,
+        env=run.env,
+        source=run.source,
     )
     parser = JUnitParser(max_results=limits.max_results)
     writer.add_all(parser.parse(_prepend(head, chunks)))

@@ -7,12 +7,13 @@ before anything could be expanded or fetched.
 
 from __future__ import annotations
 
+import math
 import re
 import xml.parsers.expat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 from ibutsu_worker.importing.errors import ReportError
 from ibutsu_worker.importing.records import ParsedResult
@@ -33,7 +34,7 @@ def parse_time(value: str | None) -> float | None:
         seconds = float(value.strip().replace(",", ""))
     except ValueError:
         return None
-    return seconds if seconds >= 0 and seconds == seconds else None  # NaN != NaN
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def parse_timestamp(value: str | None) -> datetime | None:
@@ -133,7 +134,7 @@ class JUnitParser:
         ready, self._ready = self._ready, []
         yield from ready
 
-    def _refuse_dtd(self, *_args: Any) -> None:
+    def _refuse_dtd(self, *_args: Any) -> NoReturn:
         raise ReportError(
             "refused: the XML declares a DTD or entities (<!DOCTYPE>/<!ENTITY>); "
             "JUnit reports never need them and they allow entity-expansion and XXE attacks"
@@ -218,7 +219,11 @@ class JUnitParser:
     def _end(self, name: str) -> None:
         self._stack.pop()
         if self._text is not None and name in (
-            "failure", "error", "skipped", "system-out", "system-err",
+            "failure",
+            "error",
+            "skipped",
+            "system-out",
+            "system-err",
         ):
             self._store_text(self._text)
             self._text = None
@@ -254,7 +259,9 @@ def _case_result(case: _Case) -> ParsedResult:
     suite = case.suite
     classname = attrs.get("classname", "")
     name = attrs.get("name", "")
-    metadata: dict[str, Any] = {key: attrs[key] for key in ("classname", "file", "line") if attrs.get(key)}
+    metadata: dict[str, Any] = {
+        key: attrs[key] for key in ("classname", "file", "line") if attrs.get(key)
+    }
     if suite is not None and suite.name:
         metadata["suite"] = suite.name
     if suite is not None and suite.hostname:

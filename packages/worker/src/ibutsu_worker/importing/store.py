@@ -9,10 +9,10 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
+from ibutsu_server.db.models import Result
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
-from ibutsu_server.db.models import Result
 from ibutsu_worker.importing.records import ParsedResult
 
 BATCH_SIZE = 5000
@@ -50,8 +50,14 @@ class ResultWriter:
     transaction, so an import that fails leaves nothing behind."""
 
     def __init__(
-        self, session: Session, *, run_id: uuid.UUID, project_id: uuid.UUID | None,
-        component: str | None, env: str | None, source: str | None,
+        self,
+        session: Session,
+        *,
+        run_id: uuid.UUID,
+        project_id: uuid.UUID | None,
+        component: str | None,
+        env: str | None,
+        source: str | None,
     ) -> None:
         self.session = session
         self.fixed = {
@@ -99,7 +105,7 @@ class ResultWriter:
         text = "".join(
             "\t".join(_copy_field(row[column]) for column in COLUMNS) + "\n" for row in rows
         )
-        dbapi_connection = self.session.connection().connection.dbapi_connection
-        assert dbapi_connection is not None
+        dbapi_connection: Any = self.session.connection().connection.dbapi_connection
+        # psycopg2's COPY: several times faster than any INSERT form.
         with dbapi_connection.cursor() as cursor:
             cursor.copy_expert(_COPY_SQL, io.StringIO(text))

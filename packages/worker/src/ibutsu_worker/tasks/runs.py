@@ -6,8 +6,8 @@ import logging
 import uuid
 
 from celery import shared_task
-
 from ibutsu_server.ibutsu_task import IbutsuTask
+
 from ibutsu_worker.summaries import update_run_summary
 
 log = logging.getLogger(__name__)
