@@ -51,6 +51,7 @@ def _broker_transport_options(settings: Settings) -> dict[str, Any]:
             "polling_interval": EMBEDDED_POLLING_INTERVAL,
         }
     return {
+        **_key_prefix(settings),
         "visibility_timeout": settings.visibility_timeout,
         "socket_timeout": REDIS_SOCKET_TIMEOUT,
         "socket_connect_timeout": REDIS_SOCKET_TIMEOUT,
@@ -59,11 +60,17 @@ def _broker_transport_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _key_prefix(settings: Settings) -> dict[str, str]:
+    # Lets several deployments (or test runs) share one Redis without seeing each other.
+    return {"global_keyprefix": settings.redis_key_prefix} if settings.redis_key_prefix else {}
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery settings every role shares, as plain Celery configuration keys."""
     return {
         "broker_url": settings.broker_url,
         "result_backend": settings.result_backend,
+        "result_backend_transport_options": _key_prefix(settings),
         "broker_transport_options": _broker_transport_options(settings),
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,

@@ -92,6 +92,7 @@ class Settings:
     task_time_limit: int | None
     visibility_timeout: int
     worker_loglevel: str
+    redis_key_prefix: str
     import_limits: ImportLimits
 
     @property
@@ -250,5 +251,6 @@ def load_settings(role: Role, environ: Mapping[str, str] | None = None) -> Setti
         task_time_limit=time_limit,
         visibility_timeout=visibility or DEFAULT_VISIBILITY_TIMEOUT,
         worker_loglevel=loglevel,
+        redis_key_prefix=env.get("IBUTSU_REDIS_KEY_PREFIX", "").strip(),
         import_limits=limits,
     )

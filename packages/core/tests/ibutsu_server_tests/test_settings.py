@@ -1,0 +1,126 @@
+from pathlib import Path
+
+import pytest
+
+from ibutsu_server.settings import ConfigError, Role, load_settings, redact_url
+
+BROKER = {"CELERY_BROKER_URL": "redis://:s3cret@redis:6379/0", "CELERY_RESULT_BACKEND": "redis://redis:6379/1"}
+DATABASE = {
+    "POSTGRESQL_HOST": "db",
+    "POSTGRESQL_USER": "ibutsu",
+    "POSTGRESQL_PASSWORD": "pg-s3cret",
+    "POSTGRESQL_DATABASE": "ibutsu",
+}
+
+
+def test_worker_reads_every_variable_with_defaults() -> None:
+    settings = load_settings(Role.WORKER, {**BROKER, **DATABASE})
+    assert settings.database is not None
+    assert (settings.database.host, settings.database.port) == ("db", 5432)
+    assert settings.worker_concurrency == 1
+    assert settings.result_expires == 86400
+    assert settings.task_time_limit is None
+    assert settings.worker_loglevel == "info"
+    assert not settings.embedded
+
+
+def test_optional_values_are_typed() -> None:
+    env = {
+        **BROKER,
+        **DATABASE,
+        "POSTGRESQL_PORT": "6543",
+        "CELERY_WORKER_CONCURRENCY": "4",
+        "CELERY_RESULT_EXPIRES": "60",
+        "CELERY_TASK_TIME_LIMIT": "3600",
+        "CELERY_WORKER_LOGLEVEL": "DEBUG",
+    }
+    settings = load_settings(Role.SCHEDULER, env)
+    assert settings.database is not None and settings.database.port == 6543
+    assert (settings.worker_concurrency, settings.result_expires) == (4, 60)
+    assert settings.task_time_limit == 3600
+    # Redelivery must not overtake a task that may still be running.
+    assert settings.visibility_timeout > 3600
+    assert settings.worker_loglevel == "debug"
+
+
+def test_every_problem_is_listed_at_once() -> None:
+    env = {
+        "CELERY_BROKER_URL": "http://nope",
+        "POSTGRESQL_HOST": "db",
+        "POSTGRESQL_PORT": "five",
+        "CELERY_WORKER_CONCURRENCY": "0",
+        "CELERY_WORKER_LOGLEVEL": "loud",
+    }
+    with pytest.raises(ConfigError) as caught:
+        load_settings(Role.WORKER, env)
+    message = str(caught.value)
+    for expected in (
+        "CELERY_BROKER_URL must be a URL with scheme",
+        "CELERY_RESULT_BACKEND is not set",
+        "POSTGRESQL_PORT must be an integer",
+        "POSTGRESQL_USER is not set",
+        "POSTGRESQL_DATABASE is not set",
+        "CELERY_WORKER_CONCURRENCY must be at least 1",
+        "CELERY_WORKER_LOGLEVEL must be one of",
+    ):
+        assert expected in message
+    assert len(caught.value.problems) == 7
+    assert message.startswith("ibutsu worker: invalid configuration")
+
+
+def test_flower_needs_only_the_broker_and_its_credentials() -> None:
+    settings = load_settings(Role.FLOWER, {**BROKER, "FLOWER_BASIC_AUTH": "admin:a-long-password"})
+    assert settings.database is None
+    with pytest.raises(ConfigError) as caught:
+        load_settings(Role.FLOWER, {"FLOWER_BASIC_AUTH": "admin:short"})
+    problems = caught.value.problems
+    assert "CELERY_BROKER_URL is not set" in problems
+    assert "FLOWER_BASIC_AUTH password must be at least 12 characters" in problems
+    assert not any("POSTGRESQL" in problem for problem in problems)
+
+
+def test_flower_is_never_embedded() -> None:
+    with pytest.raises(ConfigError, match="FLOWER_BASIC_AUTH is not set"):
+        load_settings(Role.FLOWER, {})
+
+
+def test_embedded_default_when_nothing_is_configured(tmp_path: Path) -> None:
+    settings = load_settings(Role.WORKER, {"IBUTSU_EMBEDDED_DIR": str(tmp_path)})
+    assert settings.embedded
+    assert settings.broker_url == "filesystem://"
+    assert settings.database is not None
+    assert settings.database.sqlite_path == tmp_path / "ibutsu.sqlite3"
+
+
+def test_half_configured_is_an_error_not_embedded() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(Role.WORKER, {"POSTGRESQL_HOST": "db"})
+    assert "CELERY_BROKER_URL is not set" in caught.value.problems
+
+
+def test_visibility_timeout_must_exceed_time_limit() -> None:
+    env = {**BROKER, **DATABASE, "CELERY_TASK_TIME_LIMIT": "600", "CELERY_VISIBILITY_TIMEOUT": "300"}
+    with pytest.raises(ConfigError, match="must be longer than CELERY_TASK_TIME_LIMIT"):
+        load_settings(Role.WORKER, env)
+
+
+def test_passwords_never_appear_in_errors_or_displays() -> None:
+    env = {**DATABASE, "CELERY_BROKER_URL": "ftp://:s3cret@redis/0"}
+    with pytest.raises(ConfigError) as caught:
+        load_settings(Role.WORKER, env)
+    assert "s3cret" not in str(caught.value)
+    settings = load_settings(Role.WORKER, {**BROKER, **DATABASE})
+    assert settings.database is not None
+    assert "pg-s3cret" not in settings.database.display
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://:s3cret@redis:6379/0", "redis://:***@redis:6379/0"),
+        ("amqp://user:s3cret@mq/vhost", "amqp://user:***@mq/vhost"),
+        ("redis://redis:6379/0", "redis://redis:6379/0"),
+    ],
+)
+def test_redact_url(url: str, expected: str) -> None:
+    assert redact_url(url) == expected

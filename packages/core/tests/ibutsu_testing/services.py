@@ -1,0 +1,127 @@
+"""Throwaway databases and Redis namespaces on the machine's real services, and real workers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import redis
+from sqlalchemy import create_engine, text
+
+from ibutsu_server.settings import Role, Settings, load_settings
+
+PG_HOST = os.environ.get("IBUTSU_TEST_PG_HOST", "127.0.0.1")
+PG_PORT = os.environ.get("IBUTSU_TEST_PG_PORT", "5432")
+PG_USER = os.environ.get("IBUTSU_TEST_PG_USER", "postgres")
+REDIS_URL = os.environ.get("IBUTSU_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+T = TypeVar("T")
+
+
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """A new, empty PostgreSQL database of this test's own; dropped afterwards."""
+    name = f"ibutsu_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(
+        f"postgresql+psycopg2://{PG_USER}@{PG_HOST}:{PG_PORT}/postgres",
+        isolation_level="AUTOCOMMIT",
+    )
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield name
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def service_env(database: str, key_prefix: str, **extra: str) -> dict[str, str]:
+    """The environment of a worker pointed at the real services, in its own namespaces."""
+    return {
+        "CELERY_BROKER_URL": REDIS_URL,
+        "CELERY_RESULT_BACKEND": REDIS_URL,
+        "IBUTSU_REDIS_KEY_PREFIX": key_prefix,
+        "POSTGRESQL_HOST": PG_HOST,
+        "POSTGRESQL_PORT": PG_PORT,
+        "POSTGRESQL_USER": PG_USER,
+        "POSTGRESQL_DATABASE": database,
+        **extra,
+    }
+
+
+def settings_for(env: Mapping[str, str], role: Role = Role.WORKER) -> Settings:
+    """Settings parsed from ``env`` alone, as the process started with it would parse them."""
+    return load_settings(role, environ=env)
+
+
+def clear_redis_prefix(prefix: str) -> None:
+    """Delete every key of one test's Redis namespace."""
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+def clean_environ(**extra: str) -> dict[str, str]:
+    """os.environ without any Ibutsu, Celery or PostgreSQL variable, plus ``extra``."""
+    prefixes = ("CELERY_", "POSTGRESQL_", "IBUTSU_", "FLOWER_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    env.update(extra)
+    return env
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 60.0, interval: float = 0.1) -> T:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+@contextmanager
+def running_worker(
+    app: str, env: Mapping[str, str], log_path: Path, *args: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A real ``celery worker`` process (prefork pool) for ``app``; stopped afterwards.
+
+    Ready once it has logged 'ready.'; its log is in ``log_path`` for post-mortems.
+    """
+    command = [
+        sys.executable, "-m", "celery", "-A", app, "worker", "--loglevel=INFO",
+        "--without-mingle", "--without-gossip", f"--hostname=test-{uuid.uuid4().hex[:8]}@%h",
+        *args,
+    ]
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            command, stdout=log_file, stderr=subprocess.STDOUT, env=clean_environ(**env)
+        )
+    try:
+        def ready() -> bool:
+            if process.poll() is not None:
+                raise AssertionError("worker exited:\n" + log_path.read_text(errors="replace"))
+            return "ready." in log_path.read_text(errors="replace")
+
+        wait_for(ready, timeout=60)
+        yield process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
