@@ -24,9 +24,10 @@ from typing import Any, TextIO
 
 from celery import Celery
 from ibutsu_server.db.engine import after_commit, database
-from ibutsu_server.db.migrate import upgrade
+from ibutsu_server.db.migrate import is_current, upgrade
 from ibutsu_server.db.models import Import, ImportFile, ImportStatus, Run
 from ibutsu_server.settings import EMBEDDED_DIR_VAR, ConfigError, Role, Settings, load_settings
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from ibutsu_worker.factory import create_worker_app
@@ -83,6 +84,19 @@ class Operator:
 
     def upgrade(self) -> None:
         upgrade(self.db.engine)
+
+    def require_schema(self) -> None:
+        """CommandError unless the database is reachable and at the newest schema."""
+        if not is_current(self.db.engine):
+            raise CommandError(
+                f"the database schema in {self.where} is missing or out of date: "
+                "run `ibutsu-tasks db upgrade`"
+            )
+
+    @property
+    def where(self) -> str:
+        assert self.settings.database is not None  # the worker role always has one
+        return self.settings.database.display
 
     def submit(self, path: Path, project: str | None) -> str:
         """Store ``path`` as a pending import and enqueue its task once that is committed."""
@@ -267,8 +281,7 @@ def _status(args: argparse.Namespace, operator: Operator) -> int:
 
 def _db(args: argparse.Namespace, operator: Operator) -> int:
     operator.upgrade()
-    assert operator.settings.database is not None  # the worker role always has one
-    print(f"schema is up to date in {operator.settings.database.display}")
+    print(f"schema is up to date in {operator.where}")
     return 0
 
 
@@ -282,11 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="one JSON object per report")
     demo.add_argument("--project", default="demo")
     demo.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
-    demo.set_defaults(handler=_demo)
+    demo.set_defaults(handler=_demo, creates_schema=True)
 
     db = commands.add_parser("db", help="schema management")
     db_commands = db.add_subparsers(dest="db_command", required=True)
-    db_commands.add_parser("upgrade", help="create or upgrade the schema").set_defaults(handler=_db)
+    db_commands.add_parser("upgrade", help="create or upgrade the schema").set_defaults(
+        handler=_db, creates_schema=True
+    )
 
     imp = commands.add_parser("import", help="store reports and enqueue their import")
     imp.add_argument("files", nargs="+")
@@ -306,12 +321,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; errors are printed in one line and exit non-zero."""
     args = build_parser().parse_args(argv)
+    operator: Operator | None = None
     try:
-        settings = load_settings(Role.WORKER)
-        return int(args.handler(args, Operator(settings)))
+        operator = Operator(load_settings(Role.WORKER))
+        if not getattr(args, "creates_schema", False):
+            operator.require_schema()
+        return int(args.handler(args, operator))
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
+    except OperationalError as exc:
+        where = operator.where if operator else "the database"
+        reason = str(exc.orig or exc).strip().splitlines()[0]
+        print(f"ibutsu-tasks: cannot use {where}: {reason}", file=sys.stderr)
+        return 1
     except CommandError as exc:
         print(f"ibutsu-tasks: {exc}", file=sys.stderr)
         return 1

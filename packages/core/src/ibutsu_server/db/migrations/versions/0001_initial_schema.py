@@ -66,6 +66,9 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_import_files")),
         sa.UniqueConstraint("import_id", name=op.f("uq_import_files_import_id")),
     )
+    if op.get_bind().dialect.name == "postgresql":
+        # Uncompressed out-of-line storage: reading a report in slices fetches only those.
+        op.execute("ALTER TABLE import_files ALTER COLUMN content SET STORAGE EXTERNAL")
     op.create_table(
         "runs",
         sa.Column("id", sa.Uuid(), nullable=False),

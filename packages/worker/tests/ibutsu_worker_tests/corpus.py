@@ -1,0 +1,30 @@
+"""The shared corpus of real JUnit reports, and the expected count for each file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from xml.etree import ElementTree
+
+CORPUS = Path(os.environ.get("IBUTSU_CORPUS_DIR", "../shared/corpus")) / "junit-jenkins"
+# Not JUnit reports: refused with a clear error (README of the corpus).
+REFUSED = {"testXxe-xxe.xml", "testXxe-oob.xml", "junitResult.xml"}
+
+
+def corpus_files() -> list[Path]:
+    """Every report of the corpus, sorted by name."""
+    files = sorted(CORPUS.glob("*.xml"))
+    assert files, f"no corpus at {CORPUS}"
+    return files
+
+
+def expected_count(path: Path) -> int:
+    """The README's oracle: every <testcase> at any depth, plus one per suite that reports
+    an <error>/<failure> with no test case."""
+    root = ElementTree.parse(path).getroot()
+    count = sum(1 for _ in root.iter("testcase"))
+    for suite in root.iter("testsuite"):
+        has_error = any(child.tag in ("error", "failure") for child in suite)
+        if has_error and next(suite.iter("testcase"), None) is None:
+            count += 1
+    return count

@@ -1,0 +1,73 @@
+"""``ibutsu-tasks`` as a user runs it: the demo on the embedded default, and its errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from ibutsu_testing.services import clean_environ
+from ibutsu_worker_tests.corpus import REFUSED, corpus_files, expected_count
+
+KEYS = {"file", "import_id", "status", "message", "run_id", "summary"}
+
+
+def _cli(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ibutsu_worker.cli", *args], env=clean_environ(**env),
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )
+
+
+def test_demo_on_the_embedded_default(tmp_path: Path) -> None:
+    done = _cli("demo", "--json", IBUTSU_EMBEDDED_DIR=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "running embedded" in done.stderr
+    (line,) = done.stdout.strip().splitlines()
+    report = json.loads(line)
+    assert set(report) == KEYS
+    assert report["status"] == "done"
+    assert report["summary"] == {
+        "tests": 8, "passes": 4, "failures": 1, "errors": 1, "skips": 1, "xfailures": 1,
+        "xpasses": 0,
+    }
+    assert (tmp_path / "ibutsu.sqlite3").exists()
+
+
+def test_demo_imports_the_whole_corpus(tmp_path: Path) -> None:
+    files = corpus_files()
+    done = _cli("demo", "--json", *map(str, files), IBUTSU_EMBEDDED_DIR=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    reports = [json.loads(line) for line in done.stdout.strip().splitlines()]
+    assert len(reports) == len(files)
+    for path, report in zip(files, reports):
+        assert report["file"] == path.name
+        if path.name in REFUSED:
+            assert report["status"] == "failed" and report["message"]
+        else:
+            assert report["status"] == "done", report
+            assert report["summary"]["tests"] == expected_count(path)
+
+
+def test_configuration_errors_are_listed_without_a_traceback() -> None:
+    done = _cli("status", "00000000-0000-0000-0000-000000000000", POSTGRESQL_HOST="db",
+                POSTGRESQL_PASSWORD="pg-s3cret")
+    assert done.returncode == 2
+    assert "CELERY_BROKER_URL is not set" in done.stderr
+    assert "POSTGRESQL_USER is not set" in done.stderr
+    assert "Traceback" not in done.stderr and "pg-s3cret" not in done.stderr
+
+
+def test_missing_schema_and_unknown_import_are_one_line_errors(tmp_path: Path) -> None:
+    unknown = "00000000-0000-0000-0000-000000000000"
+    done = _cli("status", unknown, IBUTSU_EMBEDDED_DIR=str(tmp_path))
+    assert done.returncode == 1
+    assert "run `ibutsu-tasks db upgrade`" in done.stderr
+    upgraded = _cli("db", "upgrade", IBUTSU_EMBEDDED_DIR=str(tmp_path))
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert "schema is up to date" in upgraded.stdout
+    done = _cli("status", unknown, IBUTSU_EMBEDDED_DIR=str(tmp_path))
+    assert done.returncode == 1
+    assert f"ibutsu-tasks: no import {unknown}" in done.stderr
+    assert "Traceback" not in done.stderr
