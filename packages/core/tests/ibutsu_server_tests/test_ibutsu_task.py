@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,8 +10,6 @@ from pathlib import Path
 import pytest
 import redis
 from celery import Celery
-from sqlalchemy import func, select
-
 from ibutsu_server.celery_utils import create_celery
 from ibutsu_server.db.engine import make_engine
 from ibutsu_server.db.migrate import upgrade
@@ -18,13 +17,14 @@ from ibutsu_server.db.models import Project
 from ibutsu_server.ibutsu_task import backoff_delay, is_transient
 from ibutsu_testing.services import REDIS_URL, running_worker, settings_for, wait_for
 from ibutsu_testing.tasks_app import BACKOFF_BASE, BACKOFF_CAP
+from sqlalchemy import func, select
 
 APP = "ibutsu_testing.tasks_app:app"
 # Scheduling slack: the delay is measured between two attempts in a real worker.
 SLACK = 1.0
 
 
-@pytest.fixture
+@pytest.fixture()
 def worker_env(service_environ: dict[str, str], tmp_path: Path) -> Iterator[dict[str, str]]:
     settings = settings_for(service_environ)
     assert settings.database is not None
@@ -35,12 +35,12 @@ def worker_env(service_environ: dict[str, str], tmp_path: Path) -> Iterator[dict
         yield service_environ
 
 
-@pytest.fixture
+@pytest.fixture()
 def producer(worker_env: dict[str, str]) -> Celery:
     return create_celery(settings_for(worker_env))
 
 
-@pytest.fixture
+@pytest.fixture()
 def store() -> redis.Redis:
     return redis.Redis.from_url(REDIS_URL)
 
@@ -70,7 +70,7 @@ def test_transient_database_error_is_retried_with_backoff(
 
     times = _attempt_times(store, key)
     assert len(times) == 3
-    for retry, (before, after) in enumerate(zip(times, times[1:])):
+    for retry, (before, after) in enumerate(itertools.pairwise(times)):
         ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2**retry)
         assert ceiling / 2 <= after - before <= ceiling + SLACK
     # The two failed attempts rolled back; only the third attempt's row is there.

@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, delete, select, text
-from sqlalchemy.orm import Session
-
 from ibutsu_server.db.engine import make_engine
 from ibutsu_server.db.migrate import is_current, upgrade
 from ibutsu_server.db.models import Artifact, Base, Result, Run, utcnow
 from ibutsu_server.settings import DatabaseSettings
 from ibutsu_testing.services import PG_HOST, PG_PORT, PG_USER, postgres_database
+from sqlalchemy import Engine, delete, select, text
+from sqlalchemy.orm import Session
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
@@ -55,8 +54,11 @@ def test_newer_artifact_never_blocks_deleting_an_old_run(engine: Engine) -> None
         result = Result(run_id=run.id, test_id="t", result="passed", start_time=old)
         session.add(result)
         session.flush()
-        session.add(Artifact(result_id=result.id, run_id=run.id, filename="log", content=b"x",
-                             upload_date=new))
+        session.add(
+            Artifact(
+                result_id=result.id, run_id=run.id, filename="log", content=b"x", upload_date=new
+            )
+        )
         run_id = run.id
     with Session(engine) as session, session.begin():
         session.execute(delete(Run).where(Run.id == run_id))
@@ -79,8 +81,10 @@ def test_json_and_uuid_round_trip(engine: Engine) -> None:
         assert loaded.data == data and loaded.params == {"p": 1}
     if engine.dialect.name == "postgresql":
         with engine.connect() as connection:
-            kind = connection.scalar(text(
-                "SELECT data_type FROM information_schema.columns "
-                "WHERE table_name = 'results' AND column_name = 'data'"
-            ))
+            kind = connection.scalar(
+                text(
+                    "SELECT data_type FROM information_schema.columns "
+                    "WHERE table_name = 'results' AND column_name = 'data'"
+                )
+            )
         assert kind == "jsonb"

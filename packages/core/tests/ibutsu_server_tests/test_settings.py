@@ -1,10 +1,12 @@
 from pathlib import Path
 
 import pytest
-
 from ibutsu_server.settings import ConfigError, Role, load_settings, redact_url
 
-BROKER = {"CELERY_BROKER_URL": "redis://:s3cret@redis:6379/0", "CELERY_RESULT_BACKEND": "redis://redis:6379/1"}
+BROKER = {
+    "CELERY_BROKER_URL": "redis://:s3cret@redis:6379/0",
+    "CELERY_RESULT_BACKEND": "redis://redis:6379/1",
+}
 DATABASE = {
     "POSTGRESQL_HOST": "db",
     "POSTGRESQL_USER": "ibutsu",
@@ -99,7 +101,12 @@ def test_half_configured_is_an_error_not_embedded() -> None:
 
 
 def test_visibility_timeout_must_exceed_time_limit() -> None:
-    env = {**BROKER, **DATABASE, "CELERY_TASK_TIME_LIMIT": "600", "CELERY_VISIBILITY_TIMEOUT": "300"}
+    env = {
+        **BROKER,
+        **DATABASE,
+        "CELERY_TASK_TIME_LIMIT": "600",
+        "CELERY_VISIBILITY_TIMEOUT": "300",
+    }
     with pytest.raises(ConfigError, match="must be longer than CELERY_TASK_TIME_LIMIT"):
         load_settings(Role.WORKER, env)
 

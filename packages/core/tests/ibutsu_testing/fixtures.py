@@ -10,7 +10,7 @@ import pytest
 from ibutsu_testing.services import clear_redis_prefix, postgres_database, service_env
 
 
-@pytest.fixture
+@pytest.fixture()
 def service_environ() -> Iterator[dict[str, str]]:
     """Worker environment on a fresh PostgreSQL database and a Redis namespace of its own."""
     prefix = f"ibutsu-test-{uuid.uuid4().hex[:8]}:"

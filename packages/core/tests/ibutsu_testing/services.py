@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import redis
-from sqlalchemy import create_engine, text
-
 from ibutsu_server.settings import Role, Settings, load_settings
+from sqlalchemy import create_engine, text
 
 PG_HOST = os.environ.get("IBUTSU_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = os.environ.get("IBUTSU_TEST_PG_PORT", "5432")
@@ -101,8 +100,16 @@ def running_worker(
     Ready once it has logged 'ready.'; its log is in ``log_path`` for post-mortems.
     """
     command = [
-        sys.executable, "-m", "celery", "-A", app, "worker", "--loglevel=INFO",
-        "--without-mingle", "--without-gossip", f"--hostname=test-{uuid.uuid4().hex[:8]}@%h",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        app,
+        "worker",
+        "--loglevel=INFO",
+        "--without-mingle",
+        "--without-gossip",
+        f"--hostname=test-{uuid.uuid4().hex[:8]}@%h",
         *args,
     ]
     with log_path.open("wb") as log_file:
@@ -110,6 +117,7 @@ def running_worker(
             command, stdout=log_file, stderr=subprocess.STDOUT, env=clean_environ(**env)
         )
     try:
+
         def ready() -> bool:
             if process.poll() is not None:
                 raise AssertionError("worker exited:\n" + log_path.read_text(errors="replace"))

@@ -19,14 +19,21 @@ print(json.dumps({"main": app.main, "broker": app.conf.broker_url, "heavy": heav
 
 def _probe(**env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", PROBE], env=clean_environ(**env), capture_output=True, text=True,
-        timeout=60, check=False,
+        [sys.executable, "-c", PROBE],
+        env=clean_environ(**env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 
 def test_flower_app_loads_no_database_code() -> None:
-    done = _probe(CELERY_BROKER_URL=REDIS_URL, CELERY_RESULT_BACKEND=REDIS_URL,
-                  FLOWER_BASIC_AUTH="admin:correct-horse-battery")
+    done = _probe(
+        CELERY_BROKER_URL=REDIS_URL,
+        CELERY_RESULT_BACKEND=REDIS_URL,
+        FLOWER_BASIC_AUTH="admin:correct-horse-battery",
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["heavy"] == []

@@ -258,7 +258,7 @@ def _demo(args: argparse.Namespace, operator: Operator) -> int:
 def _import(args: argparse.Namespace, operator: Operator) -> int:
     import_ids = [operator.submit(Path(path), args.project) for path in args.files]
     if not args.wait:
-        for path, import_id in zip(args.files, import_ids, strict=False):
+        for path, import_id in zip(args.files, import_ids, strict=True):
             print(
                 json.dumps({"file": path, "import_id": import_id})
                 if args.json

@@ -55,7 +55,7 @@ def update_run_summary(session: Session, run_id: uuid.UUID) -> dict[str, Any] | 
     ).one()
     values: dict[str, Any] = {"summary": summary}
     for column, value in zip(
-        ("start_time", "duration", "component", "env", "source"), fill, strict=False
+        ("start_time", "duration", "component", "env", "source"), fill, strict=True
     ):
         if getattr(run, column) is None and value is not None:
             values[column] = value

@@ -15,8 +15,12 @@ KEYS = {"file", "import_id", "status", "message", "run_id", "summary"}
 
 def _cli(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "ibutsu_worker.cli", *args], env=clean_environ(**env),
-        capture_output=True, text=True, timeout=timeout, check=False,
+        [sys.executable, "-m", "ibutsu_worker.cli", *args],
+        env=clean_environ(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
@@ -29,7 +33,12 @@ def test_demo_on_the_embedded_default(tmp_path: Path) -> None:
     assert set(report) == KEYS
     assert report["status"] == "done"
     assert report["summary"] == {
-        "tests": 8, "passes": 4, "failures": 1, "errors": 1, "skips": 1, "xfailures": 1,
+        "tests": 8,
+        "passes": 4,
+        "failures": 1,
+        "errors": 1,
+        "skips": 1,
+        "xfailures": 1,
         "xpasses": 0,
     }
     assert (tmp_path / "ibutsu.sqlite3").exists()
@@ -41,7 +50,7 @@ def test_demo_imports_the_whole_corpus(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     reports = [json.loads(line) for line in done.stdout.strip().splitlines()]
     assert len(reports) == len(files)
-    for path, report in zip(files, reports):
+    for path, report in zip(files, reports, strict=True):
         assert report["file"] == path.name
         if path.name in REFUSED:
             assert report["status"] == "failed" and report["message"]
@@ -51,8 +60,12 @@ def test_demo_imports_the_whole_corpus(tmp_path: Path) -> None:
 
 
 def test_configuration_errors_are_listed_without_a_traceback() -> None:
-    done = _cli("status", "00000000-0000-0000-0000-000000000000", POSTGRESQL_HOST="db",
-                POSTGRESQL_PASSWORD="pg-s3cret")
+    done = _cli(
+        "status",
+        "00000000-0000-0000-0000-000000000000",
+        POSTGRESQL_HOST="db",
+        POSTGRESQL_PASSWORD="pg-s3cret",
+    )
     assert done.returncode == 2
     assert "CELERY_BROKER_URL is not set" in done.stderr
     assert "POSTGRESQL_USER is not set" in done.stderr

@@ -7,17 +7,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
-
 from ibutsu_server.db.models import Import, ImportFile, Result, Run
 from ibutsu_testing.services import running_worker, settings_for
 from ibutsu_worker.cli import IMPORT_TASK, Operator
 from ibutsu_worker_tests.corpus import REFUSED, corpus_files, expected_count
+from sqlalchemy import func, select
 
 SAMPLE = Path(__file__).parent.parent.parent / "src/ibutsu_worker/samples/sample-junit.xml"
 
 
-@pytest.fixture
+@pytest.fixture()
 def operator(service_environ: dict[str, str], tmp_path: Path) -> Iterator[Operator]:
     operator = Operator(settings_for(service_environ))
     operator.upgrade()
@@ -39,7 +38,12 @@ def test_sample_import_lands_whole(operator: Operator, tmp_path: Path) -> None:
     (outcome,) = operator.wait([import_id], timeout=60, progress=None)
     assert outcome.status == "done" and outcome.message is None
     assert outcome.summary == {
-        "tests": 8, "passes": 4, "failures": 1, "errors": 1, "skips": 1, "xfailures": 1,
+        "tests": 8,
+        "passes": 4,
+        "failures": 1,
+        "errors": 1,
+        "skips": 1,
+        "xfailures": 1,
         "xpasses": 0,
     }
     session = operator.db.session()
@@ -71,12 +75,18 @@ def test_whole_corpus(operator: Operator) -> None:
     import_ids = [operator.submit(path, project="corpus") for path in files]
     outcomes = operator.wait(import_ids, timeout=300, progress=None)
     session = operator.db.session()
-    for path, outcome in zip(files, outcomes):
+    for path, outcome in zip(files, outcomes, strict=True):
         if path.name in REFUSED:
             assert outcome.status == "failed", path.name
             assert outcome.message
-            assert session.scalar(select(func.count()).select_from(Run).where(
-                Run.data["import_id"].as_string() == outcome.import_id)) == 0
+            assert (
+                session.scalar(
+                    select(func.count())
+                    .select_from(Run)
+                    .where(Run.data["import_id"].as_string() == outcome.import_id)
+                )
+                == 0
+            )
             continue
         assert outcome.status == "done", (path.name, outcome.message)
         assert outcome.summary is not None

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from ibutsu_worker.importing.errors import ReportError
 from ibutsu_worker.importing.junit import MAX_TEXT, JUnitParser, parse_time, parse_timestamp
 from ibutsu_worker.importing.records import ParsedResult
@@ -55,8 +55,14 @@ def test_pytest_statuses_and_metadata() -> None:
     results = {r.test_id: r for r in parse(PYTEST_XUNIT)}
     outcomes = {name: r.result for name, r in results.items()}
     assert outcomes == {
-        "ok": "passed", "bad": "failed", "boom": "error", "skip": "skipped",
-        "xf": "xfailed", "xp": "xpassed", "xps": "xpassed", "outerr": "passed",
+        "ok": "passed",
+        "bad": "failed",
+        "boom": "error",
+        "skip": "skipped",
+        "xf": "xfailed",
+        "xp": "xpassed",
+        "xps": "xpassed",
+        "outerr": "passed",
     }
     assert results["bad"].metadata["message"] == "assert 1 == 2"
     assert results["bad"].metadata["short_tb"] == "tb"
@@ -85,7 +91,9 @@ AssertionError [ERR_ASSERTION]</failure>
 def test_node_reporter_nesting_and_top_level_cases() -> None:
     results = parse(NODE_REPORTER)
     assert [(r.test_id, r.result) for r in results] == [
-        ("adds", "passed"), ("divides", "failed"), ("top level", "passed"),
+        ("adds", "passed"),
+        ("divides", "failed"),
+        ("top level", "passed"),
     ]
     assert results[0].metadata["suite"] == "nested"
     assert results[0].metadata["file"] == "/src/math.test.js"
@@ -93,14 +101,22 @@ def test_node_reporter_nesting_and_top_level_cases() -> None:
 
 @pytest.mark.parametrize(
     ("raw", "seconds"),
-    [("1.5", 1.5), ("1,234.5", 1234.5), ("", None), ("abc", None), ("-345345", None), ("nan", None)],
+    [
+        ("1.5", 1.5),
+        ("1,234.5", 1234.5),
+        ("", None),
+        ("abc", None),
+        ("-345345", None),
+        ("nan", None),
+    ],
 )
 def test_parse_time(raw: str, seconds: float | None) -> None:
     assert parse_time(raw) == seconds
 
 
 @pytest.mark.parametrize(
-    "raw", ["2024-01-03T 12:40:13", "2024-01-03 12:27:54Z", "2024-01-03", "2024-01-03T12:27:11.21-01:00"]
+    "raw",
+    ["2024-01-03T 12:40:13", "2024-01-03 12:27:54Z", "2024-01-03", "2024-01-03T12:27:11.21-01:00"],
 )
 def test_parse_timestamp_formats(raw: str) -> None:
     parsed = parse_timestamp(raw)
@@ -121,7 +137,11 @@ def test_entity_expansion_is_refused() -> None:
 
 def test_long_text_is_cut_and_marked() -> None:
     body = b"x" * (MAX_TEXT + 10)
-    report = b'<testsuite name="s"><testcase name="t"><system-out>' + body + b"</system-out></testcase></testsuite>"
+    report = (
+        b'<testsuite name="s"><testcase name="t"><system-out>'
+        + body
+        + b"</system-out></testcase></testsuite>"
+    )
     (result,) = parse(report, chunk=4096)
     assert result.metadata["system_out"].endswith("[truncated]")
     assert len(result.metadata["system_out"]) <= MAX_TEXT + len("\n[truncated]")
@@ -142,7 +162,7 @@ def test_parser_yields_before_the_end_of_the_document() -> None:
     parser = JUnitParser()
     head = b'<testsuite name="s">' + b'<testcase name="t"/>' * 3
 
-    def chunks():  # type: ignore[no-untyped-def]
+    def chunks() -> Iterator[bytes]:
         yield head
         raise AssertionError("the parser read past what it needed")
 
