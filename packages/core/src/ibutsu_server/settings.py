@@ -75,6 +75,9 @@ class ImportLimits:
 
     max_upload_bytes: int = 512 * 1024 * 1024
     max_results: int = 2_000_000
+    max_archive_members: int = 200_000
+    max_archive_bytes: int = 2 * 1024 * 1024 * 1024
+    max_artifact_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -235,6 +238,18 @@ def load_settings(role: Role, environ: Mapping[str, str] | None = None) -> Setti
         or defaults.max_upload_bytes,
         max_results=reader.integer("IBUTSU_IMPORT_MAX_RESULTS", defaults.max_results, minimum=1)
         or defaults.max_results,
+        max_archive_members=reader.integer(
+            "IBUTSU_IMPORT_MAX_ARCHIVE_MEMBERS", defaults.max_archive_members, minimum=1
+        )
+        or defaults.max_archive_members,
+        max_archive_bytes=reader.integer(
+            "IBUTSU_IMPORT_MAX_ARCHIVE_BYTES", defaults.max_archive_bytes, minimum=1
+        )
+        or defaults.max_archive_bytes,
+        max_artifact_bytes=reader.integer(
+            "IBUTSU_IMPORT_MAX_ARTIFACT_BYTES", defaults.max_artifact_bytes, minimum=1
+        )
+        or defaults.max_artifact_bytes,
     )
 
     if reader.problems:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ibutsu_server.db.models import Import, ImportFile, ImportStatus, Project, Run, utcnow
@@ -12,6 +12,8 @@ from ibutsu_server.settings import ImportLimits
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from ibutsu_worker.importing.archive import import_archive
+from ibutsu_worker.importing.context import ImportContext, Landed
 from ibutsu_worker.importing.errors import ReportError
 from ibutsu_worker.importing.junit import NOT_A_REPORT, JUnitParser
 from ibutsu_worker.importing.store import ResultWriter
@@ -98,45 +100,61 @@ def run_import(
     chunks = content_chunks(session, file_id, length)
     head = next(chunks, b"")
     fmt = detect_format(head)
-    if fmt != "junit":
-        raise ReportError("Ibutsu archives are not supported by this worker version")
-
     info = record.data or {}
-    project_id = _project_id(session, info.get("project"))
-    run = Run(
-        project_id=project_id,
-        component=info.get("component"),
-        env=info.get("env"),
-        source=info.get("source"),
-        data={"import_id": str(import_id), **(info.get("metadata") or {})},
+    context = ImportContext(
+        session=session,
+        import_id=import_id,
+        project_id=_project_id(session, info.get("project")),
+        info=info,
+        limits=limits,
     )
-    session.add(run)
+    landed = IMPORTERS[fmt](context, _prepend(head, chunks))
     session.flush()
-    writer = ResultWriter(
-        session,
-        run_id=run.id,
-        project_id=project_id,
-        component=run.component,
-        env=run.env,
-        source=run.source,
-    )
-    parser = JUnitParser(max_results=limits.max_results)
-    writer.add_all(parser.parse(_prepend(head, chunks)))
-    run.data = {**(run.data or {}), "suites": parser.suite_names[:100]}
-    if parser.suite_properties:
-        run.data["properties"] = parser.suite_properties
-    session.flush()
-    summary = update_run_summary(session, run.id)
+    summary = update_run_summary(session, landed.run_id)
 
     record.format = fmt
     record.status = ImportStatus.DONE
-    record.run_id = run.id
-    record.result_count = writer.written
+    record.run_id = landed.run_id
+    record.result_count = landed.results
     record.message = None
     record.finished = utcnow()
     # The report has served its purpose; keep the row, drop the bytes.
     session.execute(update(ImportFile).where(ImportFile.id == file_id).values(content=None))
-    return {"run_id": str(run.id), "results": writer.written, "summary": summary}
+    return {"run_id": str(landed.run_id), "results": landed.results, "summary": summary}
+
+
+def import_junit(context: ImportContext, chunks: Iterator[bytes]) -> Landed:
+    """A JUnit report becomes one new run; results are streamed into it in batches."""
+    info = context.info
+    run = Run(
+        project_id=context.project_id,
+        component=info.get("component"),
+        env=info.get("env"),
+        source=info.get("source"),
+        data={"import_id": str(context.import_id), **(info.get("metadata") or {})},
+    )
+    context.session.add(run)
+    context.session.flush()
+    writer = ResultWriter(
+        context.session,
+        run_id=run.id,
+        project_id=context.project_id,
+        component=run.component,
+        env=run.env,
+        source=run.source,
+    )
+    parser = JUnitParser(max_results=context.limits.max_results)
+    writer.add_all(parser.parse(chunks))
+    run.data = {**(run.data or {}), "suites": parser.suite_names[:100]}
+    if parser.suite_properties:
+        run.data["properties"] = parser.suite_properties
+    return Landed(run_id=run.id, results=writer.written)
+
+
+IMPORTERS: dict[str, Callable[[ImportContext, Iterator[bytes]], Landed]] = {
+    "junit": import_junit,
+    "archive": import_archive,
+}
 
 
 def _prepend(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
