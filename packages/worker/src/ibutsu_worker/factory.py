@@ -9,6 +9,7 @@ from ibutsu_server.app_factory import create_flask_celery_app
 from ibutsu_server.settings import Role, Settings
 
 TASK_MODULES = (
+    "ibutsu_worker.tasks.db",
     "ibutsu_worker.tasks.importers",
     "ibutsu_worker.tasks.runs",
 )

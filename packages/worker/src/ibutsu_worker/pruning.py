@@ -1,0 +1,217 @@
+"""Deleting old rows in short batches, children first, each batch its own transaction.
+
+Batches walk the time index from the oldest row (keyset pagination), so no batch rescans
+what earlier batches deleted, and no batch holds locks for long. Artifacts and results that
+belong to a doomed row are deleted before it, so a newer row can never block the delete.
+"""
+
+from __future__ import annotations
+
+import calendar
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from ibutsu_server.db.models import Artifact, Import, ImportFile, ImportStatus, Result, Run, utcnow
+from sqlalchemy import Column, Select, Table, delete, select
+from sqlalchemy.orm import Session
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = 10_000
+RUN_BATCH_SIZE = 200
+# Retention below these is far more likely a typo than a policy.
+MIN_MONTHS = {"artifacts": 1, "results": 1, "runs": 1}
+MIN_IMPORT_FILE_DAYS = 1
+
+
+class RetentionRefused(ValueError):
+    """A retention so short that pruning could delete live data; never retried."""
+
+
+@dataclass
+class PruneReport:
+    """How many rows of each table went, in how many batches, and the longest batch."""
+
+    cutoff: datetime
+    deleted: dict[str, int] = field(default_factory=dict)
+    batches: int = 0
+    longest_batch_seconds: float = 0.0
+
+    def count(self, table: str, rows: int) -> None:
+        self.deleted[table] = self.deleted.get(table, 0) + rows
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "cutoff": self.cutoff.isoformat(),
+            "deleted": dict(self.deleted),
+            "batches": self.batches,
+            "longest_batch_seconds": round(self.longest_batch_seconds, 4),
+        }
+
+
+def months_ago(now: datetime, months: int) -> datetime:
+    """The same day and time ``months`` calendar months before ``now`` (clamped to month end)."""
+    index = now.year * 12 + (now.month - 1) - months
+    year, month = divmod(index, 12)
+    day = min(now.day, calendar.monthrange(year, month + 1)[1])
+    return now.replace(year=year, month=month + 1, day=day)
+
+
+def check_months(table: str, months: object) -> int:
+    """``months`` as an int, or RetentionRefused if it is not a sane retention for ``table``."""
+    minimum = MIN_MONTHS[table]
+    if isinstance(months, bool) or not isinstance(months, int) or months < minimum:
+        raise RetentionRefused(
+            f"refusing to prune {table}: the retention must be a whole number of months, "
+            f"at least {minimum}; got {months!r}"
+        )
+    return months
+
+
+class Pruner:
+    """Deletes rows older than a cutoff in batches, each batch its own timed transaction."""
+
+    def __init__(self, session: Session, cutoff: datetime, batch_size: int = BATCH_SIZE) -> None:
+        self.session = session
+        self.batch_size = batch_size
+        self.report = PruneReport(cutoff=cutoff)
+
+    def by_time(
+        self,
+        column: Column[Any],
+        key: Column[Any],
+        children: Sequence[Column[Any]] = (),
+        *,
+        batch_size: int | None = None,
+        before: Callable[[list[Any]], None] | None = None,
+    ) -> None:
+        """Delete every row whose ``column`` is before the cutoff: oldest first, ``children``
+        rows (foreign keys to ``key``) first. ``before`` runs on each batch's keys ahead of
+        the delete, for work too big for one transaction."""
+        size = batch_size or self.batch_size
+        floor: datetime | None = None
+        while True:
+            started = time.perf_counter()
+            query = select(key, column).where(column < self.report.cutoff)
+            if floor is not None:
+                query = query.where(column >= floor)
+            rows = self.session.execute(query.order_by(column).limit(size)).all()
+            if not rows:
+                self.session.rollback()
+                return
+            ids = [row[0] for row in rows]
+            if before is not None:
+                before(ids)
+                started = time.perf_counter()
+            self._delete(key, ids, children)
+            self._commit(started)
+            if len(rows) < size:
+                return
+            floor = rows[-1][1]
+
+    def by_query(
+        self, key: Column[Any], ids_query: Select[Any], children: Sequence[Column[Any]] = ()
+    ) -> None:
+        """Delete the rows ``ids_query`` selects (it must yield ``key`` values), ``children``
+        first, a batch at a time, until it yields none."""
+        while True:
+            started = time.perf_counter()
+            ids = list(self.session.scalars(ids_query.limit(self.batch_size)))
+            self._delete(key, ids, children)
+            self._commit(started)
+            if len(ids) < self.batch_size:
+                return
+
+    def _delete(
+        self, key: Column[Any], ids: Sequence[Any], children: Sequence[Column[Any]]
+    ) -> None:
+        if not ids:
+            return
+        for column in (*children, key):
+            table = column.table
+            assert isinstance(table, Table)
+            done = self.session.execute(delete(table).where(column.in_(ids)))
+            self.report.count(table.name, done.rowcount)
+
+    def _commit(self, started: float) -> None:
+        self.session.commit()
+        elapsed = time.perf_counter() - started
+        self.report.batches += 1
+        self.report.longest_batch_seconds = max(self.report.longest_batch_seconds, elapsed)
+
+
+def prune_artifacts(session: Session, months: object, batch_size: int = BATCH_SIZE) -> PruneReport:
+    """Delete artifacts uploaded more than ``months`` months ago."""
+    cutoff = months_ago(utcnow(), check_months("artifacts", months))
+    pruner = Pruner(session, cutoff, batch_size)
+    artifacts = Artifact.__table__.c
+    pruner.by_time(artifacts.upload_date, artifacts.id)
+    return _logged("artifacts", pruner.report)
+
+
+def prune_results(session: Session, months: object, batch_size: int = BATCH_SIZE) -> PruneReport:
+    """Delete results that started more than ``months`` months ago, their artifacts first."""
+    cutoff = months_ago(utcnow(), check_months("results", months))
+    pruner = Pruner(session, cutoff, batch_size)
+    results = Result.__table__.c
+    pruner.by_time(results.start_time, results.id, [Artifact.__table__.c.result_id])
+    return _logged("results", pruner.report)
+
+
+def prune_runs(session: Session, months: object, batch_size: int = BATCH_SIZE) -> PruneReport:
+    """Delete runs that started more than ``months`` months ago with their results and
+    artifacts; a run's results go in batches first, so no transaction grows with a run."""
+    cutoff = months_ago(utcnow(), check_months("runs", months))
+    pruner = Pruner(session, cutoff, batch_size)
+    artifacts, results, runs = Artifact.__table__.c, Result.__table__.c, Run.__table__.c
+
+    def results_first(run_ids: list[uuid.UUID]) -> None:
+        doomed = select(results.id).where(results.run_id.in_(run_ids))
+        pruner.by_query(results.id, doomed, [artifacts.result_id])
+
+    pruner.by_time(
+        runs.start_time,
+        runs.id,
+        [artifacts.run_id],
+        batch_size=RUN_BATCH_SIZE,
+        before=results_first,
+    )
+    return _logged("runs", pruner.report)
+
+
+def prune_import_files(session: Session, days: object, batch_size: int = BATCH_SIZE) -> PruneReport:
+    """Delete the stored files of imports that finished more than ``days`` days ago."""
+    if isinstance(days, bool) or not isinstance(days, int) or days < MIN_IMPORT_FILE_DAYS:
+        raise RetentionRefused(
+            "refusing to prune import files: the retention must be a whole number of days, "
+            f"at least {MIN_IMPORT_FILE_DAYS}; got {days!r}"
+        )
+    cutoff = utcnow() - timedelta(days=days)
+    pruner = Pruner(session, cutoff, batch_size)
+    finished = (
+        select(ImportFile.id)
+        .join(Import, Import.id == ImportFile.import_id)
+        .where(
+            Import.status.in_((ImportStatus.DONE, ImportStatus.FAILED)), Import.finished < cutoff
+        )
+    )
+    pruner.by_query(ImportFile.__table__.c.id, finished)
+    return _logged("import files", pruner.report)
+
+
+def _logged(what: str, report: PruneReport) -> PruneReport:
+    deleted = ", ".join(f"{n} {table}" for table, n in sorted(report.deleted.items())) or "nothing"
+    log.info(
+        "pruned %s older than %s: %s in %d batches (longest %.3fs)",
+        what,
+        report.cutoff.isoformat(),
+        deleted,
+        report.batches,
+        report.longest_batch_seconds,
+    )
+    return report

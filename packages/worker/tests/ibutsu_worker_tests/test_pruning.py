@@ -1,0 +1,113 @@
+"""Pruning in batches, children first, with retention guards, on PostgreSQL and SQLite."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from ibutsu_server.db.models import Artifact, Import, ImportFile, Result, Run, utcnow
+from ibutsu_worker.pruning import (
+    RetentionRefused,
+    months_ago,
+    prune_artifacts,
+    prune_import_files,
+    prune_results,
+    prune_runs,
+)
+from ibutsu_worker_tests.dbsession import migrated_session
+
+OLD = utcnow() - timedelta(days=800)
+RECENT = utcnow() - timedelta(days=1)
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def session(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Session]:
+    with migrated_session(request.param, tmp_path) as session:
+        yield session
+
+
+def _run(session: Session, when: datetime, results: int, artifact_date: datetime) -> uuid.UUID:
+    run = Run(start_time=when)
+    session.add(run)
+    session.flush()
+    for n in range(results):
+        result = Result(run_id=run.id, test_id=f"t{n}", result="passed", start_time=when)
+        session.add(result)
+        session.flush()
+        session.add(Artifact(result_id=result.id, run_id=run.id, filename="log.txt",
+                             content=b"x", upload_date=artifact_date))
+    session.commit()
+    return run.id
+
+
+def _count(session: Session, model: type) -> int:
+    return int(session.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def test_old_results_go_even_when_a_newer_artifact_points_at_them(session: Session) -> None:
+    _run(session, OLD, results=7, artifact_date=utcnow())  # newer artifacts on old results
+    _run(session, RECENT, results=2, artifact_date=RECENT)
+    report = prune_results(session, 5, batch_size=3)
+    assert report.deleted == {"artifacts": 7, "results": 7}
+    # Seven rows with the same start time, three at a time: ties cross batch boundaries.
+    assert report.batches == 3
+    assert (_count(session, Result), _count(session, Artifact)) == (2, 2)
+    assert _count(session, Run) == 2  # runs are pruned by their own task
+
+
+def test_old_runs_go_with_their_results_and_artifacts(session: Session) -> None:
+    old = _run(session, OLD, results=5, artifact_date=OLD)
+    session.add(Artifact(run_id=old, filename="run.log", content=b"y", upload_date=utcnow()))
+    session.commit()
+    recent = _run(session, RECENT, results=3, artifact_date=RECENT)
+    report = prune_runs(session, 12, batch_size=2)
+    assert report.deleted == {"artifacts": 6, "results": 5, "runs": 1}
+    assert session.scalars(select(Run.id)).all() == [recent]
+    assert (_count(session, Result), _count(session, Artifact)) == (3, 3)
+    assert report.longest_batch_seconds > 0
+
+
+def test_old_artifact_files_go_alone(session: Session) -> None:
+    _run(session, RECENT, results=4, artifact_date=OLD)
+    _run(session, RECENT, results=1, artifact_date=RECENT)
+    report = prune_artifacts(session, 3)
+    assert report.deleted == {"artifacts": 4}
+    assert (_count(session, Result), _count(session, Artifact)) == (5, 1)
+
+
+def test_processed_import_files_go_pending_ones_stay(session: Session) -> None:
+    for status, finished in (("done", OLD), ("failed", OLD), ("pending", None), ("done", RECENT)):
+        record = Import(filename="r.xml", status=status, finished=finished)
+        session.add(record)
+        session.flush()
+        session.add(ImportFile(import_id=record.id, content=b"<testsuite/>"))
+    session.commit()
+    report = prune_import_files(session, 7)
+    assert report.deleted == {"import_files": 2}
+    assert _count(session, ImportFile) == 2
+    assert _count(session, Import) == 4  # the import history stays
+
+
+def test_nothing_to_prune_reports_zero(session: Session) -> None:
+    _run(session, RECENT, results=1, artifact_date=RECENT)
+    assert prune_runs(session, 12).deleted == {}
+
+
+@pytest.mark.parametrize("months", [0, -1, "3", 2.5, True, None])
+def test_dangerous_retention_is_refused(session: Session, months: object) -> None:
+    _run(session, OLD, results=1, artifact_date=OLD)
+    for prune in (prune_results, prune_runs, prune_artifacts):
+        with pytest.raises(RetentionRefused, match="refusing to prune"):
+            prune(session, months)
+    assert _count(session, Result) == 1
+
+
+def test_months_ago_clamps_to_month_end() -> None:
+    assert months_ago(datetime(2026, 3, 31, tzinfo=UTC), 1) == datetime(2026, 2, 28, tzinfo=UTC)
+    assert months_ago(datetime(2026, 1, 15, tzinfo=UTC), 13) == datetime(2024, 12, 15, tzinfo=UTC)
