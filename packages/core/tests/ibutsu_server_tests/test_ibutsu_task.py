@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import redis
 from celery import Celery
+from sqlalchemy import func, select
+
 from ibutsu_server.celery_utils import create_celery
 from ibutsu_server.db.engine import make_engine
 from ibutsu_server.db.migrate import upgrade
@@ -17,7 +19,6 @@ from ibutsu_server.db.models import Project
 from ibutsu_server.ibutsu_task import backoff_delay, is_transient
 from ibutsu_testing.services import REDIS_URL, running_worker, settings_for, wait_for
 from ibutsu_testing.tasks_app import BACKOFF_BASE, BACKOFF_CAP
-from sqlalchemy import func, select
 
 APP = "ibutsu_testing.tasks_app:app"
 # Scheduling slack: the delay is measured between two attempts in a real worker.

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine, delete, select, text
+from sqlalchemy.orm import Session
+
 from ibutsu_server.db.engine import make_engine
 from ibutsu_server.db.migrate import is_current, upgrade
 from ibutsu_server.db.models import Artifact, Base, Result, Run, utcnow
 from ibutsu_server.settings import DatabaseSettings
 from ibutsu_testing.services import PG_HOST, PG_PORT, PG_USER, postgres_database
-from sqlalchemy import Engine, delete, select, text
-from sqlalchemy.orm import Session
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])

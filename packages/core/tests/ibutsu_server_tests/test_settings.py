@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+
 from ibutsu_server.settings import ConfigError, Role, load_settings, redact_url
 
 BROKER = {

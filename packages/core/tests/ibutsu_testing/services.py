@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import redis
-from ibutsu_server.settings import Role, Settings, load_settings
 from sqlalchemy import create_engine, text
+
+from ibutsu_server.settings import Role, Settings, load_settings
 
 PG_HOST = os.environ.get("IBUTSU_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = os.environ.get("IBUTSU_TEST_PG_PORT", "5432")

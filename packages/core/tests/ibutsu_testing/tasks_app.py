@@ -9,11 +9,12 @@ from __future__ import annotations
 import time
 
 import redis
+from sqlalchemy import select, text
+
 from ibutsu_server.app_factory import create_flask_celery_app
 from ibutsu_server.db.models import Project
 from ibutsu_server.ibutsu_task import IbutsuTask
 from ibutsu_server.settings import Role
-from sqlalchemy import select, text
 
 app = create_flask_celery_app(Role.WORKER)
 BACKOFF_BASE = 0.5

@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from celery import Celery
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
 from ibutsu_server.db.engine import after_commit, database
 from ibutsu_server.db.migrate import is_current, upgrade
 from ibutsu_server.db.models import Import, ImportFile, ImportStatus, Run
 from ibutsu_server.settings import EMBEDDED_DIR_VAR, ConfigError, Role, Settings, load_settings
-from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session
-
 from ibutsu_worker.factory import create_worker_app
 
 IMPORT_TASK = "ibutsu_server.tasks.importers.import_results"

@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+
 from ibutsu_server.app_factory import create_flask_celery_app
 from ibutsu_server.settings import Role, Settings
 
 TASK_MODULES = (
     "ibutsu_worker.tasks.db",
     "ibutsu_worker.tasks.importers",
+    "ibutsu_worker.tasks.results",
     "ibutsu_worker.tasks.runs",
 )
 # Producers enqueue by these names (ibutsu_server.tasks.importers.import_results, ...).

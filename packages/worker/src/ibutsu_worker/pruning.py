@@ -14,11 +14,22 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from ibutsu_server.db.models import Artifact, Import, ImportFile, ImportStatus, Result, Run, utcnow
-from sqlalchemy import Column, Select, Table, delete, select
+from sqlalchemy import Column, CursorResult, Select, Table, delete, select
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.base import ReadOnlyColumnCollection
+
+from ibutsu_server.db.models import (
+    Artifact,
+    Base,
+    Import,
+    ImportFile,
+    ImportStatus,
+    Result,
+    Run,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +82,10 @@ def check_months(table: str, months: object) -> int:
             f"at least {minimum}; got {months!r}"
         )
     return months
+
+
+def _columns(model: type[Base]) -> ReadOnlyColumnCollection[str, Column[Any]]:
+    return cast(Table, model.__table__).c
 
 
 class Pruner:
@@ -135,7 +150,9 @@ class Pruner:
         for column in (*children, key):
             table = column.table
             assert isinstance(table, Table)
-            done = self.session.execute(delete(table).where(column.in_(ids)))
+            done = cast(
+                CursorResult[Any], self.session.execute(delete(table).where(column.in_(ids)))
+            )
             self.report.count(table.name, done.rowcount)
 
     def _commit(self, started: float) -> None:
@@ -149,7 +166,7 @@ def prune_artifacts(session: Session, months: object, batch_size: int = BATCH_SI
     """Delete artifacts uploaded more than ``months`` months ago."""
     cutoff = months_ago(utcnow(), check_months("artifacts", months))
     pruner = Pruner(session, cutoff, batch_size)
-    artifacts = Artifact.__table__.c
+    artifacts = _columns(Artifact)
     pruner.by_time(artifacts.upload_date, artifacts.id)
     return _logged("artifacts", pruner.report)
 
@@ -158,8 +175,8 @@ def prune_results(session: Session, months: object, batch_size: int = BATCH_SIZE
     """Delete results that started more than ``months`` months ago, their artifacts first."""
     cutoff = months_ago(utcnow(), check_months("results", months))
     pruner = Pruner(session, cutoff, batch_size)
-    results = Result.__table__.c
-    pruner.by_time(results.start_time, results.id, [Artifact.__table__.c.result_id])
+    results = _columns(Result)
+    pruner.by_time(results.start_time, results.id, [_columns(Artifact).result_id])
     return _logged("results", pruner.report)
 
 
@@ -168,7 +185,7 @@ def prune_runs(session: Session, months: object, batch_size: int = BATCH_SIZE) -
     artifacts; a run's results go in batches first, so no transaction grows with a run."""
     cutoff = months_ago(utcnow(), check_months("runs", months))
     pruner = Pruner(session, cutoff, batch_size)
-    artifacts, results, runs = Artifact.__table__.c, Result.__table__.c, Run.__table__.c
+    artifacts, results, runs = _columns(Artifact), _columns(Result), _columns(Run)
 
     def results_first(run_ids: list[uuid.UUID]) -> None:
         doomed = select(results.id).where(results.run_id.in_(run_ids))
@@ -200,7 +217,7 @@ def prune_import_files(session: Session, days: object, batch_size: int = BATCH_S
             Import.status.in_((ImportStatus.DONE, ImportStatus.FAILED)), Import.finished < cutoff
         )
     )
-    pruner.by_query(ImportFile.__table__.c.id, finished)
+    pruner.by_query(_columns(ImportFile).id, finished)
     return _logged("import files", pruner.report)
 
 

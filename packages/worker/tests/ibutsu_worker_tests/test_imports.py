@@ -7,11 +7,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import func, select
+
 from ibutsu_server.db.models import Import, ImportFile, Result, Run
 from ibutsu_testing.services import running_worker, settings_for
 from ibutsu_worker.cli import IMPORT_TASK, Operator
 from ibutsu_worker_tests.corpus import REFUSED, corpus_files, expected_count
-from sqlalchemy import func, select
 
 SAMPLE = Path(__file__).parent.parent.parent / "src/ibutsu_worker/samples/sample-junit.xml"
 

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from ibutsu_worker.importing.errors import ReportError
 from ibutsu_worker.importing.junit import MAX_TEXT, JUnitParser, parse_time, parse_timestamp
 from ibutsu_worker.importing.records import ParsedResult

@@ -40,8 +40,15 @@ def _run(session: Session, when: datetime, results: int, artifact_date: datetime
         result = Result(run_id=run.id, test_id=f"t{n}", result="passed", start_time=when)
         session.add(result)
         session.flush()
-        session.add(Artifact(result_id=result.id, run_id=run.id, filename="log.txt",
-                             content=b"x", upload_date=artifact_date))
+        session.add(
+            Artifact(
+                result_id=result.id,
+                run_id=run.id,
+                filename="log.txt",
+                content=b"x",
+                upload_date=artifact_date,
+            )
+        )
     session.commit()
     return run.id
 

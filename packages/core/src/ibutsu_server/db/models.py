@@ -151,6 +151,18 @@ class Result(_TestRecord, Base):
     params: Mapped[dict[str, Any] | None]
 
 
+class RunUpdateRequest(Base):
+    """A summary update asked for while another was running: the running one enqueues
+    exactly one more when it finishes (see ibutsu_worker.summaries)."""
+
+    __tablename__ = "run_update_requests"
+
+    run_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    requested: Mapped[datetime] = _created()
+
+
 class Artifact(Base):
     __tablename__ = "artifacts"
     __table_args__ = (Index(None, "upload_date"), Index(None, "result_id"), Index(None, "run_id"))

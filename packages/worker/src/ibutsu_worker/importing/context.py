@@ -6,8 +6,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from ibutsu_server.settings import ImportLimits
 from sqlalchemy.orm import Session
+
+from ibutsu_server.settings import ImportLimits
 
 
 @dataclass(frozen=True)

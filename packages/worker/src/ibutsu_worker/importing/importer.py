@@ -7,11 +7,11 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ibutsu_server.db.models import Import, ImportFile, ImportStatus, Project, Run, utcnow
-from ibutsu_server.settings import ImportLimits
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from ibutsu_server.db.models import Import, ImportFile, ImportStatus, Project, Run, utcnow
+from ibutsu_server.settings import ImportLimits
 from ibutsu_worker.importing.archive import import_archive
 from ibutsu_worker.importing.context import ImportContext, Landed
 from ibutsu_worker.importing.errors import ReportError

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from celery import shared_task
-from ibutsu_server.ibutsu_task import IbutsuTask
 
+from ibutsu_server.ibutsu_task import IbutsuTask
 from ibutsu_worker.pruning import (
     prune_artifacts,
     prune_import_files,

@@ -7,8 +7,8 @@ import uuid
 from typing import Any
 
 from celery import shared_task
-from ibutsu_server.ibutsu_task import IbutsuTask
 
+from ibutsu_server.ibutsu_task import IbutsuTask
 from ibutsu_worker.importing.errors import ReportError
 from ibutsu_worker.importing.importer import claim, mark_failed, run_import
 
