@@ -12,6 +12,7 @@ from ibutsu_server.settings import Role, Settings
 TASK_MODULES = (
     "ibutsu_worker.tasks.db",
     "ibutsu_worker.tasks.importers",
+    "ibutsu_worker.tasks.query",
     "ibutsu_worker.tasks.results",
     "ibutsu_worker.tasks.runs",
 )

@@ -8,13 +8,13 @@ from datetime import timedelta
 
 import pytest
 from celery import Celery
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from ibutsu_server.celery_utils import create_celery
 from ibutsu_server.db.engine import make_engine
 from ibutsu_server.db.migrate import upgrade
-from ibutsu_server.db.models import Result, Run, utcnow
+from ibutsu_server.db.models import Project, Result, Run, utcnow
 from ibutsu_testing.services import (
     clear_redis_prefix,
     postgres_database,
@@ -125,3 +125,27 @@ def test_add_result_start_time(producer: Celery, session: Session) -> None:
     session.expire_all()
     starts = session.scalars(select(Result.start_time).where(Result.run_id == run_id)).all()
     assert all(start is not None for start in starts)
+
+
+def test_query_by_name_is_scoped_and_refuses_bad_filters(
+    producer: Celery, session: Session
+) -> None:
+    project = Project(name=f"q-{uuid.uuid4().hex[:6]}")
+    session.add(project)
+    session.commit()
+    _run(session, timedelta(hours=1), results=3, project_id=project.id)
+    session.execute(
+        update(Result)
+        .where(Result.run_id.in_(select(Run.id).where(Run.project_id == project.id)))
+        .values(project_id=project.id)
+    )
+    session.commit()
+    page = producer.send_task(
+        f"{TASKS}query.query", args=["results", project.name, [["result", "eq", "passed"]]]
+    ).get(timeout=60)
+    assert page["total"] == 3 and len(page["items"]) == 3
+    refused = producer.send_task(
+        f"{TASKS}query.query", args=["results", project.name, [["x", "eq", 1]]]
+    )
+    with pytest.raises(Exception, match="cannot be filtered on 'x'"):
+        refused.get(timeout=60)
