@@ -114,8 +114,13 @@ def running_worker(
         *args,
     ]
     with log_path.open("wb") as log_file:
+        # Its own process group, so a test can kill the worker and its pool children at once.
         process = subprocess.Popen(
-            command, stdout=log_file, stderr=subprocess.STDOUT, env=clean_environ(**env)
+            command,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=clean_environ(**env),
+            start_new_session=True,
         )
     try:
 

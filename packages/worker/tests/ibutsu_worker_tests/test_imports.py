@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +13,7 @@ import pytest
 from sqlalchemy import func, select
 
 from ibutsu_server.db.models import Import, ImportFile, Result, Run
-from ibutsu_testing.services import running_worker, settings_for
+from ibutsu_testing.services import running_worker, settings_for, wait_for
 from ibutsu_worker.cli import IMPORT_TASK, Operator
 from ibutsu_worker_tests.corpus import REFUSED, corpus_files, expected_count
 
@@ -110,3 +113,39 @@ def test_bad_input_is_recorded_and_the_worker_goes_on(operator: Operator, tmp_pa
     # The truncated report's first result was written before the error: it must be gone.
     assert session.scalar(select(func.count()).select_from(Result)) == 8
     operator.db.session.remove()
+
+
+def _big_report(path: Path, cases: int) -> Path:
+    with path.open("w") as out:
+        out.write('<testsuites><testsuite name="big">\n')
+        for n in range(cases):
+            out.write(f'<testcase classname="pkg.Mod{n % 50}" name="test_{n}" time="0.01"/>\n')
+        out.write("</testsuite></testsuites>\n")
+    return path
+
+
+def test_worker_killed_mid_import_completes_exactly_once(
+    service_environ: dict[str, str], tmp_path: Path
+) -> None:
+    # Redis hands an unacknowledged task to another worker after this many seconds.
+    env = {**service_environ, "CELERY_VISIBILITY_TIMEOUT": "3"}
+    operator = Operator(settings_for(env))
+    operator.upgrade()
+    cases = 300_000
+    report = _big_report(tmp_path / "big.xml", cases)
+    with running_worker("ibutsu_server:worker_app", env, tmp_path / "first.log") as first:
+        import_id = operator.submit(report, project="kill")
+        wait_for(lambda: operator.outcome(import_id).status == "running", timeout=60)
+        time.sleep(0.5)
+        os.killpg(first.pid, signal.SIGKILL)  # the pod dies: main process and pool child
+        first.wait()
+    assert operator.outcome(import_id).status == "running", "import finished before the kill"
+    with running_worker("ibutsu_server:worker_app", env, tmp_path / "second.log"):
+        (outcome,) = operator.wait([import_id], timeout=180, progress=None)
+    assert outcome.status == "done", outcome.message
+    assert outcome.summary is not None and outcome.summary["tests"] == cases
+    session = operator.db.session()
+    assert session.scalar(select(func.count()).select_from(Run)) == 1
+    assert session.scalar(select(func.count()).select_from(Result)) == cases
+    operator.db.session.remove()
+    operator.db.engine.dispose()
