@@ -94,7 +94,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "task_track_started": True,
-        "timezone": "UTC",
+        "timezone": settings.timezone,
         "enable_utc": True,
     }
 

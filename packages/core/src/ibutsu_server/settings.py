@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import os
+import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ POSTGRESQL_VARS = (
     "POSTGRESQL_PASSWORD",
     "POSTGRESQL_DATABASE",
 )
+MIN_PASSWORD_LENGTH = 12
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # Without a task time limit, a Redis message is redelivered after this long unacknowledged.
 DEFAULT_VISIBILITY_TIMEOUT = 6 * 3600
@@ -81,6 +83,24 @@ class ImportLimits:
 
 
 @dataclass(frozen=True)
+class Retention:
+    """How old data gets before the scheduler's weekly and daily pruning removes it."""
+
+    files_months: int = 3
+    results_months: int = 5
+    runs_months: int = 12
+    import_files_days: int = 7
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """The role's HTTP endpoint: /metrics behind basic auth, /healthz and /readyz open."""
+
+    port: int
+    basic_auth: str
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything a role needs from its environment, already validated."""
 
@@ -97,6 +117,9 @@ class Settings:
     worker_loglevel: str
     redis_key_prefix: str
     import_limits: ImportLimits
+    timezone: str
+    retention: Retention
+    metrics: MetricsSettings | None
 
     @property
     def embedded(self) -> bool:
@@ -130,6 +153,23 @@ class _Reader:
         if required and not value:
             self.problems.append(f"{name} is not set")
         return value
+
+    def credentials(self, name: str) -> str:
+        """A required 'user:password' with a non-empty user and a password of 12+ characters."""
+        value = self.text(name, required=True)
+        user, sep, password = value.partition(":")
+        if value and (not sep or not user):
+            self.problems.append(f"{name} must be 'user:password' with a non-empty user")
+        elif value and len(password) < MIN_PASSWORD_LENGTH:
+            self.problems.append(
+                f"{name} password must be at least {MIN_PASSWORD_LENGTH} characters"
+            )
+        return value
+
+    def count(self, name: str, default: int, *, minimum: int = 1) -> int:
+        """An integer variable that always has a value: ``default`` when unset or bad."""
+        value = self.integer(name, default, minimum=minimum)
+        return default if value is None else value
 
     def integer(self, name: str, default: int | None, *, minimum: int) -> int | None:
         raw = self.environ.get(name, "").strip()
@@ -179,16 +219,21 @@ def _read_database(reader: _Reader) -> DatabaseSettings:
     )
 
 
-def _read_flower_auth(reader: _Reader) -> str:
-    value = reader.text("FLOWER_BASIC_AUTH", required=True)
-    if not value:
-        return value
-    user, sep, password = value.partition(":")
-    if not sep or not user:
-        reader.problems.append("FLOWER_BASIC_AUTH must be 'user:password' with a non-empty user")
-    elif len(password) < 12:
-        reader.problems.append("FLOWER_BASIC_AUTH password must be at least 12 characters")
-    return value
+def _known_timezone(name: str) -> bool:
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
+
+
+def _read_metrics(reader: _Reader) -> MetricsSettings | None:
+    port = reader.integer("IBUTSU_METRICS_PORT", None, minimum=0)
+    if port is None:
+        return None
+    if port > 65535:
+        reader.problems.append(f"IBUTSU_METRICS_PORT must be at most 65535, got {port}")
+    return MetricsSettings(port=port, basic_auth=reader.credentials("IBUTSU_METRICS_BASIC_AUTH"))
 
 
 def load_settings(role: Role, environ: Mapping[str, str] | None = None) -> Settings:
@@ -210,7 +255,7 @@ def load_settings(role: Role, environ: Mapping[str, str] | None = None) -> Setti
         if role.needs_database:
             database = _read_database(reader)
 
-    flower_auth = _read_flower_auth(reader) if role is Role.FLOWER else None
+    flower_auth = reader.credentials("FLOWER_BASIC_AUTH") if role is Role.FLOWER else None
     time_limit = reader.integer("CELERY_TASK_TIME_LIMIT", None, minimum=1)
     visibility = reader.integer(
         "CELERY_VISIBILITY_TIMEOUT",
@@ -230,27 +275,33 @@ def load_settings(role: Role, environ: Mapping[str, str] | None = None) -> Setti
     concurrency = reader.integer("CELERY_WORKER_CONCURRENCY", 1, minimum=1)
     expires = reader.integer("CELERY_RESULT_EXPIRES", 86400, minimum=0)
 
-    defaults = ImportLimits()
     limits = ImportLimits(
-        max_upload_bytes=reader.integer(
-            "IBUTSU_IMPORT_MAX_UPLOAD_BYTES", defaults.max_upload_bytes, minimum=1
-        )
-        or defaults.max_upload_bytes,
-        max_results=reader.integer("IBUTSU_IMPORT_MAX_RESULTS", defaults.max_results, minimum=1)
-        or defaults.max_results,
-        max_archive_members=reader.integer(
-            "IBUTSU_IMPORT_MAX_ARCHIVE_MEMBERS", defaults.max_archive_members, minimum=1
-        )
-        or defaults.max_archive_members,
-        max_archive_bytes=reader.integer(
-            "IBUTSU_IMPORT_MAX_ARCHIVE_BYTES", defaults.max_archive_bytes, minimum=1
-        )
-        or defaults.max_archive_bytes,
-        max_artifact_bytes=reader.integer(
-            "IBUTSU_IMPORT_MAX_ARTIFACT_BYTES", defaults.max_artifact_bytes, minimum=1
-        )
-        or defaults.max_artifact_bytes,
+        max_upload_bytes=reader.count(
+            "IBUTSU_IMPORT_MAX_UPLOAD_BYTES", ImportLimits.max_upload_bytes
+        ),
+        max_results=reader.count("IBUTSU_IMPORT_MAX_RESULTS", ImportLimits.max_results),
+        max_archive_members=reader.count(
+            "IBUTSU_IMPORT_MAX_ARCHIVE_MEMBERS", ImportLimits.max_archive_members
+        ),
+        max_archive_bytes=reader.count(
+            "IBUTSU_IMPORT_MAX_ARCHIVE_BYTES", ImportLimits.max_archive_bytes
+        ),
+        max_artifact_bytes=reader.count(
+            "IBUTSU_IMPORT_MAX_ARTIFACT_BYTES", ImportLimits.max_artifact_bytes
+        ),
     )
+    retention = Retention(
+        files_months=reader.count("IBUTSU_PRUNE_FILES_MONTHS", Retention.files_months),
+        results_months=reader.count("IBUTSU_PRUNE_RESULTS_MONTHS", Retention.results_months),
+        runs_months=reader.count("IBUTSU_PRUNE_RUNS_MONTHS", Retention.runs_months),
+        import_files_days=reader.count(
+            "IBUTSU_PRUNE_IMPORT_FILES_DAYS", Retention.import_files_days
+        ),
+    )
+    timezone = env.get("CELERY_TIMEZONE", "").strip() or "UTC"
+    if not _known_timezone(timezone):
+        reader.problems.append(f"CELERY_TIMEZONE must be an IANA time zone name, got {timezone!r}")
+    metrics = _read_metrics(reader) if role is not Role.FLOWER else None
 
     if reader.problems:
         raise ConfigError(role, reader.problems)
@@ -268,4 +319,7 @@ def load_settings(role: Role, environ: Mapping[str, str] | None = None) -> Setti
         worker_loglevel=loglevel,
         redis_key_prefix=env.get("IBUTSU_REDIS_KEY_PREFIX", "").strip(),
         import_limits=limits,
+        timezone=timezone,
+        retention=retention,
+        metrics=metrics,
     )

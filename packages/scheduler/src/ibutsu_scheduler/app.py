@@ -1,8 +1,5 @@
 """``ibutsu_server:scheduler_app``: the Celery app of the beat scheduler."""
 
-from ibutsu_scheduler.schedule import beat_schedule
-from ibutsu_server.app_factory import create_flask_celery_app
-from ibutsu_server.settings import Role
+from ibutsu_scheduler.factory import create_scheduler_app
 
-app = create_flask_celery_app(Role.SCHEDULER)
-app.conf.beat_schedule = beat_schedule()
+app = create_scheduler_app()

@@ -1,0 +1,36 @@
+"""The scheduler's Celery app: the beat schedule, RedBeat's lease and state in Redis."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from ibutsu_scheduler.schedule import beat_schedule
+from ibutsu_server.app_factory import create_flask_celery_app
+from ibutsu_server.settings import Role, Settings
+
+# A beat loop never sleeps longer than this, so the lease is renewed at least this often.
+MAX_LOOP_INTERVAL = 5
+# A leader that stops renewing loses the lease after this long; a standby then takes over
+# within about LEASE_SECONDS + MAX_LOOP_INTERVAL (RedBeat's default is 25 minutes).
+LEASE_SECONDS = 20
+
+
+def create_scheduler_app(
+    settings: Settings | None = None, schedule: dict[str, dict[str, Any]] | None = None
+) -> Celery:
+    """The beat app; ``schedule`` replaces the production schedule (tests drive time with it)."""
+    app = create_flask_celery_app(Role.SCHEDULER, settings=settings)
+    settings = app.flask_app.config["IBUTSU_SETTINGS"]
+    app.conf.beat_schedule = schedule if schedule is not None else beat_schedule(settings.retention)
+    app.conf.beat_max_loop_interval = MAX_LOOP_INTERVAL
+    if settings.embedded_dir is not None:
+        app.conf.beat_scheduler = "ibutsu_scheduler.scheduler:IbutsuLocalScheduler"
+        app.conf.beat_schedule_filename = str(settings.embedded_dir / "celerybeat-schedule")
+    else:
+        app.conf.beat_scheduler = "ibutsu_scheduler.scheduler:IbutsuRedBeatScheduler"
+        app.conf.redbeat_redis_url = settings.broker_url
+        app.conf.redbeat_key_prefix = f"{settings.redis_key_prefix}redbeat"
+        app.conf.redbeat_lock_timeout = LEASE_SECONDS
+    return app

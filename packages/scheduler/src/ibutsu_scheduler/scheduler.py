@@ -1,0 +1,79 @@
+"""Beat schedulers that export what they send and whether this replica leads.
+
+RedBeat keeps the schedule's state in Redis (a restarted scheduler neither repeats nor skips
+a slot) and lets only the holder of a short Redis lease send; standbys wait on the lease.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from celery.beat import PersistentScheduler
+from prometheus_client import REGISTRY, Counter, Gauge, generate_latest
+from redbeat import RedBeatScheduler
+
+from ibutsu_server.http_endpoints import Endpoints, serve
+from ibutsu_server.readiness import readiness_check
+from ibutsu_server.settings import Settings
+
+LEADER = Gauge("ibutsu_beat_leader", "1 when this scheduler replica holds the lease and sends")
+SENDS = Counter("ibutsu_beat_sends", "Periodic tasks sent", ["entry"])
+LAST_SEND = Gauge(
+    "ibutsu_beat_last_send_timestamp_seconds", "When the entry was last sent", ["entry"]
+)
+NEXT_SEND = Gauge(
+    "ibutsu_beat_next_send_timestamp_seconds", "When the entry is next due", ["entry"]
+)
+
+
+class _Exported:
+    """Counts sends, publishes next-send times and leadership, and starts the HTTP endpoint
+    when the scheduler is created: before the lease is taken, so a standby answers too."""
+
+    app: Any
+    schedule: dict[str, Any]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        settings: Settings = self.app.flask_app.config["IBUTSU_SETTINGS"]
+        # Beat also builds a lazy instance just to print its banner: that one serves nothing.
+        if settings.metrics is not None and not kwargs.get("lazy"):
+            endpoints = Endpoints(
+                metrics=lambda: generate_latest(REGISTRY),
+                alive=lambda: None,
+                ready=readiness_check(self.app),
+            )
+            self.app.ibutsu_endpoint = serve(settings.metrics, endpoints)
+        LEADER.set(1 if self.leads() else 0)
+
+    def leads(self) -> bool:
+        """Whether this replica sends the periodic tasks."""
+        return True
+
+    def apply_async(self, entry: Any, *args: Any, **kwargs: Any) -> Any:
+        result = super().apply_async(entry, *args, **kwargs)  # type: ignore[misc]
+        SENDS.labels(entry.name).inc()
+        LAST_SEND.labels(entry.name).set(time.time())
+        return result
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        delay = float(super().tick(*args, **kwargs))  # type: ignore[misc]
+        LEADER.set(1 if self.leads() else 0)
+        now = time.time()
+        for entry in self.schedule.values():
+            _due, seconds = entry.is_due()
+            NEXT_SEND.labels(entry.name).set(now + seconds)
+        return delay
+
+
+class IbutsuRedBeatScheduler(_Exported, RedBeatScheduler):  # type: ignore[misc]
+    """RedBeat with metrics: only the lease holder sends; a standby takes over when the
+    leader's lease (redbeat_lock_timeout) runs out."""
+
+    def leads(self) -> bool:
+        return self.lock is not None and bool(self.lock.owned())
+
+
+class IbutsuLocalScheduler(_Exported, PersistentScheduler):  # type: ignore[misc]
+    """The embedded default's scheduler: state in a file of the embedded folder, one replica."""
