@@ -1,0 +1,3 @@
+from ibutsu_testing.fixtures import service_environ
+
+__all__ = ["service_environ"]
