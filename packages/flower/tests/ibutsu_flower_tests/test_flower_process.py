@@ -68,7 +68,12 @@ def test_flower_sees_workers_and_tasks_and_guards_everything(
     )
     try:
         with running_worker("ibutsu_server:worker_app", service_environ, tmp_path / "worker.log"):
-            wait_for(lambda: _get(port, "/healthcheck", None)[0] == 200, timeout=60)
+            def flower_up() -> bool:
+                if flower.poll() is not None:
+                    raise AssertionError((tmp_path / "flower.log").read_text(errors="replace"))
+                return _get(port, "/healthcheck", None)[0] == 200
+
+            wait_for(flower_up, timeout=60)
             assert _get(port, "/", None)[0] == 401
             assert _get(port, "/api/workers", "admin:wrong-password-12")[0] == 401
             assert _get(port, "/metrics", None)[0] == 401
