@@ -6,7 +6,6 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,15 +17,6 @@ from ibutsu_worker.cli import IMPORT_TASK, Operator
 from ibutsu_worker_tests.corpus import REFUSED, corpus_files, expected_count
 
 SAMPLE = Path(__file__).parent.parent.parent / "src/ibutsu_worker/samples/sample-junit.xml"
-
-
-@pytest.fixture()
-def operator(service_environ: dict[str, str], tmp_path: Path) -> Iterator[Operator]:
-    operator = Operator(settings_for(service_environ))
-    operator.upgrade()
-    with running_worker("ibutsu_server:worker_app", service_environ, tmp_path / "worker.log"):
-        yield operator
-    operator.db.engine.dispose()
 
 
 def _sample(tmp_path: Path) -> Path:

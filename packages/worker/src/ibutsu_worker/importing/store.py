@@ -1,4 +1,5 @@
-"""Writing parsed results in batches: COPY on PostgreSQL, multi-row INSERT elsewhere."""
+"""Writing parsed results in batches: COPY on PostgreSQL, multi-row INSERT elsewhere, and
+multi-row upserts (INSERT ... ON CONFLICT (id) DO UPDATE) for imports that keep their ids."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from ibutsu_server.db.models import Result
 from sqlalchemy import insert
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from ibutsu_server.db.models import Base, Result
 from ibutsu_worker.importing.records import ParsedResult
 
 BATCH_SIZE = 5000
@@ -30,6 +32,9 @@ COLUMNS = (
     "params",
     "data",
 )
+# ORM bulk INSERTs leave out None values unless asked, which splits a batch into one
+# statement per pattern of missing values.
+BULK_OPTIONS = {"render_nulls": True}
 _COPY_SQL = f"COPY results ({', '.join(COLUMNS)}) FROM STDIN"
 _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
@@ -45,9 +50,31 @@ def _copy_field(value: Any) -> str:
     return str(value).translate(_ESCAPES)
 
 
+def upsert(session: Session, model: type[Base], rows: list[dict[str, Any]]) -> None:
+    """Insert ``rows`` of ``model``, replacing the rows whose id already exists.
+
+    Every row must have the same keys, "id" among them. PostgreSQL and SQLite only.
+    """
+    if not rows:
+        return
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(model)
+    # With RETURNING, SQLAlchemy sends the rows as multi-row VALUES pages ("insertmanyvalues");
+    # without it, it would send an upsert row by row.
+    statement = statement.on_conflict_do_update(
+        index_elements=["id"],
+        set_={key: statement.excluded[key] for key in rows[0] if key != "id"},
+    ).returning(statement.table.c.id)
+    # ON CONFLICT may touch a row only once per statement: the last copy of an id wins.
+    unique = list({row["id"]: row for row in rows}.values())
+    session.execute(statement, unique, execution_options=BULK_OPTIONS)
+
+
 class ResultWriter:
     """Buffers results of one run and writes them BATCH_SIZE at a time, in the caller's
-    transaction, so an import that fails leaves nothing behind."""
+    transaction, so an import that fails leaves nothing behind. With ``upsert``, results whose
+    id exists are replaced instead of duplicated (slower than COPY, so only when ids are kept).
+    """
 
     def __init__(
         self,
@@ -58,6 +85,7 @@ class ResultWriter:
         component: str | None,
         env: str | None,
         source: str | None,
+        upsert: bool = False,
     ) -> None:
         self.session = session
         self.fixed = {
@@ -70,31 +98,40 @@ class ResultWriter:
         self.buffer: list[dict[str, Any]] = []
         self.written = 0
         self.postgresql = session.get_bind().dialect.name == "postgresql"
+        self.upsert = upsert
+
+    def add(self, parsed: ParsedResult, **columns: Any) -> None:
+        """Buffer one result, writing a batch when the buffer is full; ``columns`` override the
+        run-wide component, env or source for this result."""
+        self.buffer.append(
+            {
+                **self.fixed,
+                **columns,
+                "id": parsed.id,
+                "test_id": parsed.test_id,
+                "result": parsed.result,
+                "start_time": parsed.start_time,
+                "duration": parsed.duration,
+                "params": parsed.params,
+                "data": parsed.metadata,
+            }
+        )
+        if len(self.buffer) >= BATCH_SIZE:
+            self.flush()
 
     def add_all(self, results: Iterable[ParsedResult]) -> None:
         """Write every result, flushing a batch whenever the buffer is full."""
         for parsed in results:
-            self.buffer.append(
-                {
-                    **self.fixed,
-                    "id": parsed.id,
-                    "test_id": parsed.test_id,
-                    "result": parsed.result,
-                    "start_time": parsed.start_time,
-                    "duration": parsed.duration,
-                    "params": parsed.params,
-                    "data": parsed.metadata,
-                }
-            )
-            if len(self.buffer) >= BATCH_SIZE:
-                self.flush()
+            self.add(parsed)
         self.flush()
 
     def flush(self) -> None:
         """Write what is buffered."""
         if not self.buffer:
             return
-        if self.postgresql:
+        if self.upsert:
+            upsert(self.session, Result, self.buffer)
+        elif self.postgresql:
             self._copy(self.buffer)
         else:
             self.session.execute(insert(Result), self.buffer)

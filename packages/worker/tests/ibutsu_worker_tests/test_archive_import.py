@@ -1,0 +1,533 @@
+"""pytest-ibutsu archive imports: ids kept, artifacts stored, re-imports update, any member
+order, hostile archives refused whole; on PostgreSQL and SQLite, and through a real worker."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import io
+import json
+import tarfile
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from ibutsu_server.db.models import Artifact, Import, Project, Result, Run
+from ibutsu_server.settings import ImportLimits
+from ibutsu_worker.cli import Operator
+from ibutsu_worker.importing import archive as archive_module
+from ibutsu_worker.importing.archive import MAX_EXTENDED_HEADER, import_archive
+from ibutsu_worker.importing.context import ImportContext, Landed
+from ibutsu_worker.importing.errors import ReportError
+from ibutsu_worker_tests.dbsession import migrated_session
+
+LIMITS = ImportLimits(
+    max_results=50,
+    max_archive_members=100,
+    max_archive_bytes=2_000_000,
+    max_artifact_bytes=200_000,
+)
+OUTCOMES = ("passed", "failed", "skipped", "error")
+Member = tuple[tarfile.TarInfo, bytes]
+
+
+# --- archives, written the way pytest-ibutsu's archiver writes them -----------------------------
+
+
+def file(name: str, content: bytes) -> Member:
+    info = tarfile.TarInfo(name)
+    info.size = len(content)
+    info.mode = 0o644
+    return info, content
+
+
+def special(name: str, kind: bytes, linkname: str = "") -> Member:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    info.mode = 0o755
+    return info, b""
+
+
+def pack(members: Iterable[Member]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
+        for info, content in members:
+            tar.addfile(info, io.BytesIO(content) if info.isreg() else None)
+    return out.getvalue()
+
+
+@dataclasses.dataclass
+class Sample:
+    """What a pytest-ibutsu archive holds: one run, its results and their artifacts."""
+
+    run: dict[str, Any]
+    results: list[dict[str, Any]]
+    run_artifacts: dict[str, bytes]
+    result_artifacts: dict[str, dict[str, bytes]]
+
+    @property
+    def run_id(self) -> str:
+        return str(self.run["id"])
+
+    def members(self) -> list[Member]:
+        """The members in pytest-ibutsu's order: the run, then each result and its artifacts."""
+        run_id = self.run_id
+        members = [special(run_id, tarfile.DIRTYPE)]
+        members.append(file(f"{run_id}/run.json", json.dumps(self.run).encode()))
+        members += [file(f"{run_id}/{name}", data) for name, data in self.run_artifacts.items()]
+        for result in self.results:
+            folder = f"{run_id}/{result['id']}"
+            members.append(special(folder, tarfile.DIRTYPE))
+            members.append(file(f"{folder}/result.json", json.dumps(result).encode()))
+            artifacts = self.result_artifacts.get(result["id"], {})
+            members += [file(f"{folder}/{name}", data) for name, data in artifacts.items()]
+        return members
+
+    def archive(self, extra: Iterable[Member] = ()) -> bytes:
+        return pack([*self.members(), *extra])
+
+
+def sample() -> Sample:
+    run_id = str(uuid.uuid4())
+    results: list[dict[str, Any]] = [
+        {
+            "id": str(uuid.uuid4()),
+            "test_id": f"test_{outcome}",
+            "result": outcome,
+            "run_id": run_id,
+            # Naive times are UTC; others carry their offset.
+            "start_time": f"2026-01-02T03:0{n}:00" if n % 2 else f"2026-01-02T05:0{n}:00+02:00",
+            "duration": 0.25 * (n + 1),
+            "params": {"n": n},
+            "metadata": {"node_id": f"tests/test_x.py::test_{outcome}", "run": run_id},
+            "source": "local",
+            "component": None,
+            "env": None,
+        }
+        for n, outcome in enumerate(OUTCOMES)
+    ]
+    run = {
+        "id": run_id,
+        "component": "billing",
+        "env": None,
+        "source": "jenkins",
+        "start_time": "2026-01-02T03:00:00",
+        "duration": 2.5,
+        "metadata": {"project": None, "jenkins": {"job_name": "nightly", "build_number": "7"}},
+        "summary": {"tests": 4, "failures": 1, "errors": 1, "skips": 1},
+    }
+    failed = results[1]["id"]
+    return Sample(
+        run=run,
+        results=results,
+        run_artifacts={"session.log": b"collected 4 items\n"},
+        result_artifacts={failed: {"traceback.log": b"AssertionError: 1 == 2\n"}},
+    )
+
+
+# --- a database of each dialect for the module, emptied after every test ------------------------
+
+
+@pytest.fixture(scope="module", params=["postgresql", "sqlite"])
+def database(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Session]:
+    with migrated_session(request.param, tmp_path_factory.mktemp(request.param)) as session:
+        yield session
+
+
+@pytest.fixture()
+def session(database: Session) -> Iterator[Session]:
+    yield database
+    database.rollback()
+    for model in (Artifact, Result, Run, Project):
+        database.execute(delete(model))
+    database.commit()
+    database.expunge_all()
+
+
+def land(
+    session: Session,
+    archive: bytes,
+    limits: ImportLimits = LIMITS,
+    project_id: uuid.UUID | None = None,
+    chunk: int = 997,
+    **info: Any,
+) -> Landed:
+    """Import ``archive`` as the task does: fed in chunks, committed, or rolled back on error."""
+    context = ImportContext(
+        session=session, import_id=uuid.uuid4(), project_id=project_id, info=info, limits=limits
+    )
+    pieces = (archive[start : start + chunk] for start in range(0, len(archive), chunk))
+    try:
+        landed = import_archive(context, pieces)
+    except ReportError:
+        session.rollback()
+        raise
+    session.commit()
+    session.expire_all()
+    return landed
+
+
+def counts(session: Session) -> dict[str, int]:
+    return {
+        model.__tablename__: int(session.scalar(select(func.count()).select_from(model)) or 0)
+        for model in (Run, Result, Artifact)
+    }
+
+
+def artifacts(session: Session) -> dict[str, tuple[uuid.UUID | None, uuid.UUID | None, bytes]]:
+    rows = session.execute(
+        select(Artifact.filename, Artifact.run_id, Artifact.result_id, Artifact.content)
+    )
+    return {name: (run_id, result_id, content) for name, run_id, result_id, content in rows}
+
+
+def utc(value: datetime | None) -> datetime | None:
+    """SQLite gives back naive datetimes; the importer stores UTC."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+# --- landing --------------------------------------------------------------------------------------
+
+
+def test_archive_lands_with_its_ids_and_artifacts(session: Session) -> None:
+    archive = sample()
+    landed = land(session, archive.archive(), env="staging", component="ignored")
+    run_id = uuid.UUID(archive.run_id)
+    assert landed == Landed(run_id=run_id, results=4)
+
+    run = session.get(Run, run_id)
+    assert run is not None
+    assert (run.component, run.env, run.source) == ("billing", "staging", "jenkins")
+    assert utc(run.start_time) == datetime(2026, 1, 2, 3, 0, tzinfo=UTC)
+    assert run.duration == 2.5
+    assert run.data is not None
+    assert run.data["jenkins"] == {"job_name": "nightly", "build_number": "7"}
+    assert "import_id" in run.data
+
+    results = {r.id: r for r in session.scalars(select(Result).where(Result.run_id == run_id))}
+    assert set(results) == {uuid.UUID(r["id"]) for r in archive.results}
+    for n, expected in enumerate(archive.results):
+        result = results[uuid.UUID(expected["id"])]
+        assert (result.test_id, result.result) == (expected["test_id"], expected["result"])
+        assert result.params == {"n": n}
+        assert result.data == expected["metadata"]
+        assert result.duration == expected["duration"]
+        assert (result.source, result.component, result.env) == ("local", "ignored", "staging")
+        assert utc(result.start_time) == datetime(2026, 1, 2, 3, n, tzinfo=UTC)
+
+    failed = uuid.UUID(archive.results[1]["id"])
+    assert artifacts(session) == {
+        "session.log": (run_id, None, b"collected 4 items\n"),
+        "traceback.log": (None, failed, b"AssertionError: 1 == 2\n"),
+    }
+
+
+def test_project_from_the_archive_when_this_server_has_it(session: Session) -> None:
+    uploader, named = Project(name="uploader"), Project(name="acme")
+    session.add_all([uploader, named])
+    session.commit()
+
+    archive = sample()
+    land(session, archive.archive(), project_id=uploader.id)
+    assert session.scalar(select(Run.project_id)) == uploader.id  # the archive names none
+
+    archive.run["metadata"]["project"] = "acme"
+    land(session, archive.archive(), project_id=uploader.id)
+    assert set(session.scalars(select(Result.project_id))) == {named.id}
+    assert session.scalar(select(Run.project_id)) == named.id
+
+    archive.run["metadata"]["project"] = "not-on-this-server"
+    land(session, archive.archive(), project_id=uploader.id)
+    assert session.scalar(select(Run.project_id)) == uploader.id
+
+
+def test_reimport_updates_and_never_duplicates(session: Session) -> None:
+    archive = sample()
+    land(session, archive.archive())
+    land(session, archive.archive())
+    assert counts(session) == {"runs": 1, "results": 4, "artifacts": 2}
+
+    # The same ids with new values: a run re-archived after a rerun.
+    archive.run["env"] = "prod"
+    archive.results[1]["result"] = "passed"
+    archive.results[1]["metadata"]["rerun"] = True
+    failed = archive.results[1]["id"]
+    archive.result_artifacts[failed] = {"traceback.log": b"passed on rerun\n"}
+    archive.run_artifacts = {"other.log": b"new"}
+    land(session, archive.archive())
+
+    assert counts(session) == {"runs": 1, "results": 4, "artifacts": 2}
+    run = session.get(Run, uuid.UUID(archive.run_id))
+    assert run is not None and run.env == "prod"
+    result = session.get(Result, uuid.UUID(failed))
+    assert result is not None and result.result == "passed"
+    assert result.data is not None and result.data["rerun"] is True
+    assert artifacts(session) == {
+        "other.log": (run.id, None, b"new"),
+        "traceback.log": (None, result.id, b"passed on rerun\n"),
+    }
+
+
+def test_members_in_any_order_land_the_same(
+    session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Spools go to disk after 100 bytes, and artifacts are written one per statement.
+    monkeypatch.setattr(archive_module, "SPOOL_MEMORY", 100)
+    monkeypatch.setattr(archive_module, "ARTIFACT_BATCH_ROWS", 1)
+    archive = sample()
+    # Artifacts first, then results, run.json last: the reverse of pytest-ibutsu's order.
+    reversed_members = list(reversed(archive.members()))
+    landed = land(session, pack(reversed_members), chunk=7)
+    assert landed.results == 4
+    assert counts(session) == {"runs": 1, "results": 4, "artifacts": 2}
+    failed = uuid.UUID(archive.results[1]["id"])
+    assert artifacts(session)["traceback.log"] == (None, failed, b"AssertionError: 1 == 2\n")
+    run = session.get(Run, uuid.UUID(archive.run_id))
+    assert run is not None and run.component == "billing"
+
+
+def test_a_run_without_results(session: Session) -> None:
+    archive = sample()
+    archive.results = []
+    assert land(session, archive.archive()).results == 0
+    assert counts(session) == {"runs": 1, "results": 0, "artifacts": 1}
+
+
+# --- refusals: each one names its reason and leaves nothing behind -------------------------------
+
+
+def blocks(members: Iterable[Member]) -> bytes:
+    """Raw tar blocks for ``members``, with no end-of-archive marker, for archives built by hand."""
+    out = b""
+    for info, content in members:
+        out += info.tobuf(format=tarfile.USTAR_FORMAT)
+        out += content + b"\0" * (-len(content) % tarfile.BLOCKSIZE)
+    return out
+
+
+def pax_chain(archive: Sample) -> bytes:
+    """A valid run, then extended headers that each announce another, thousands deep."""
+    record = b"19 comment=abcdefg\n"
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type = tarfile.XHDTYPE
+    header.size = len(record)
+    chain = blocks([(header, record)]) * 3000
+    tail = blocks([file(f"{archive.run_id}/late.log", b"x")]) + b"\0" * 2 * tarfile.BLOCKSIZE
+    return gzip.compress(blocks(archive.members()) + chain + tail)
+
+
+def with_pax(member: Member, comment: str) -> Member:
+    member[0].pax_headers = {"comment": comment}
+    return member
+
+
+def with_result(archive: Sample, **changes: Any) -> bytes:
+    archive.results[-1].update(changes)
+    return archive.archive()
+
+
+def with_byte(data: bytes, offset: int, value: int) -> bytes:
+    return data[:offset] + bytes([value]) + data[offset + 1 :]
+
+
+def bad_checksum(archive: Sample) -> bytes:
+    """Inflates cleanly; only the CRC-32 in the gzip trailer tells."""
+    data = archive.archive()
+    return with_byte(data, -8, data[-8] ^ 0xFF)
+
+
+Build = Callable[[Sample], bytes]
+HOSTILE: list[tuple[str, Build, dict[str, int], str]] = [
+    (
+        "dot-dot",
+        lambda a: a.archive([file(f"{a.run_id}/../escape.txt", b"x")]),
+        {},
+        "'..' would leave the run folder",
+    ),
+    ("absolute", lambda a: a.archive([file("/etc/cron.d/evil", b"x")]), {}, "absolute paths"),
+    (
+        "symlink",
+        lambda a: a.archive([special(f"{a.run_id}/link", tarfile.SYMTYPE, "/etc/passwd")]),
+        {},
+        "symbolic link",
+    ),
+    (
+        "hard-link",
+        lambda a: a.archive([special(f"{a.run_id}/hard", tarfile.LNKTYPE, f"{a.run_id}/run.json")]),
+        {},
+        "hard link",
+    ),
+    ("fifo", lambda a: a.archive([special(f"{a.run_id}/pipe", tarfile.FIFOTYPE)]), {}, "FIFO"),
+    (
+        "device",
+        lambda a: a.archive([special(f"{a.run_id}/tty", tarfile.CHRTYPE)]),
+        {},
+        "character device",
+    ),
+    (
+        "too-many-members",
+        lambda a: a.archive(),
+        {"max_archive_members": 6},
+        "more than 6 members (IBUTSU_IMPORT_MAX_ARCHIVE_MEMBERS)",
+    ),
+    (
+        # 5 MB of zeros packs into a few kB: counted as inflated, not as the headers claim.
+        "too-many-bytes",
+        lambda a: a.archive([file(f"{a.run_id}/zeros.bin", bytes(5_000_000))]),
+        {"max_archive_bytes": 100_000, "max_artifact_bytes": 10_000_000},
+        "more than 100000 bytes (IBUTSU_IMPORT_MAX_ARCHIVE_BYTES)",
+    ),
+    (
+        "artifact-too-big",
+        lambda a: a.archive([file(f"{a.run_id}/big.log", bytes(3000))]),
+        {"max_artifact_bytes": 2000},
+        "3000 bytes, over the limit of 2000 bytes per file (IBUTSU_IMPORT_MAX_ARTIFACT_BYTES)",
+    ),
+    (
+        "too-many-results",
+        lambda a: a.archive(),
+        {"max_results": 3},
+        "the limit is 3 per import (IBUTSU_IMPORT_MAX_RESULTS)",
+    ),
+    (
+        "huge-extended-header",
+        lambda a: a.archive(
+            [with_pax(file(f"{a.run_id}/x.log", b"x"), "y" * (MAX_EXTENDED_HEADER + 1))]
+        ),
+        {"max_archive_bytes": 10_000_000},
+        "an extended tar header of",
+    ),
+    ("extended-header-chain", pax_chain, {}, "chains too many extended tar headers"),
+    (
+        # Past the 10-byte gzip header: a final deflate block of the reserved type 3.
+        "corrupt-deflate",
+        lambda a: with_byte(a.archive(), 10, 0b111),
+        {},
+        "the gzip data is damaged (Error -3 while decompressing data: invalid block type)",
+    ),
+    (
+        "bad-checksum",
+        bad_checksum,
+        {},
+        "the gzip data is damaged (Error -3 while decompressing data: incorrect data check)",
+    ),
+    ("truncated-gzip", lambda a: a.archive()[:-200], {}, "the gzip data ends early"),
+    ("not-a-tar", lambda a: gzip.compress(b"just text " * 200), {}, "not a readable tar.gz"),
+    (
+        "no-run-json",
+        lambda a: pack(m for m in a.members() if not m[0].name.endswith("run.json")),
+        {},
+        "there is no <run-uuid>/run.json",
+    ),
+    (
+        "bad-json",
+        lambda a: a.archive([file(f"{a.run_id}/{uuid.uuid4()}/result.json", b"{nope")]),
+        {},
+        "not valid UTF-8 JSON",
+    ),
+    (
+        "two-run-folders",
+        lambda a: a.archive([file(f"{uuid.uuid4()}/run.json", b"{}")]),
+        {},
+        "a second run folder",
+    ),
+    (
+        "top-folder-not-a-uuid",
+        lambda a: pack([file("results/run.json", b"{}")]),
+        {},
+        "top folder must be named after its run's UUID",
+    ),
+    (
+        "result-in-another-run",
+        lambda a: with_result(a, run_id=str(uuid.uuid4())),
+        {},
+        ": run_id is ",
+    ),
+    (
+        "result-id-not-its-folder",
+        lambda a: a.archive(
+            [file(f"{a.run_id}/{uuid.uuid4()}/result.json", json.dumps(a.results[0]).encode())]
+        ),
+        {},
+        ": id is ",
+    ),
+    ("unknown-outcome", lambda a: with_result(a, result="meh"), {}, "result is 'meh'"),
+    ("nan", lambda a: with_result(a, duration=float("nan")), {}, "not a finite number"),
+    ("nul", lambda a: with_result(a, test_id="a\x00b"), {}, "NUL character"),
+    ("bad-date", lambda a: with_result(a, start_time="yesterday"), {}, "not an ISO 8601 date"),
+    (
+        "orphan-artifact",
+        lambda a: a.archive([file(f"{a.run_id}/{uuid.uuid4()}/screenshot.png", b"png")]),
+        {},
+        "has no result.json",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("build", "limits", "reason"),
+    [pytest.param(build, limits, reason, id=name) for name, build, limits, reason in HOSTILE],
+)
+def test_refused_whole_with_a_reason(
+    session: Session,
+    monkeypatch: pytest.MonkeyPatch,
+    build: Build,
+    limits: dict[str, int],
+    reason: str,
+) -> None:
+    # Every result is written as soon as it is read, so a refusal must undo real rows.
+    monkeypatch.setattr(archive_module, "RESULT_BATCH_BYTES", 1)
+    with pytest.raises(ReportError) as caught:
+        land(session, build(sample()), dataclasses.replace(LIMITS, **limits))
+    assert reason in str(caught.value)
+    assert counts(session) == {"runs": 0, "results": 0, "artifacts": 0}
+
+
+# --- through a real worker ------------------------------------------------------------------------
+
+
+def test_archive_import_through_a_worker(operator: Operator, tmp_path: Path) -> None:
+    archive = sample()
+    path = tmp_path / f"{archive.run_id}.tar.gz"
+    path.write_bytes(archive.archive())
+    hostile = tmp_path / "hostile.tar.gz"
+    hostile.write_bytes(archive.archive([special(f"{archive.run_id}/l", tarfile.SYMTYPE, "/")]))
+
+    first = operator.submit(path, project="acme")
+    again = operator.submit(path, project="acme")
+    refused = operator.submit(hostile, project="acme")
+    outcomes = operator.wait([first, again, refused], timeout=60, progress=None)
+
+    assert [o.status for o in outcomes[:2]] == ["done", "done"]
+    for outcome in outcomes[:2]:
+        assert outcome.run_id == archive.run_id and outcome.message is None
+        assert outcome.summary == {
+            "tests": 4,
+            "passes": 1,
+            "failures": 1,
+            "errors": 1,
+            "skips": 1,
+            "xfailures": 0,
+            "xpasses": 0,
+        }
+    assert outcomes[2].status == "failed"
+    assert outcomes[2].message is not None and "symbolic link" in outcomes[2].message
+    session = operator.db.session()
+    record = session.get(Import, uuid.UUID(first))
+    assert record is not None and record.format == "archive" and record.result_count == 4
+    assert counts(session) == {"runs": 1, "results": 4, "artifacts": 2}
+    run = session.get(Run, uuid.UUID(archive.run_id))
+    assert run is not None and run.project_id is not None
+    assert session.scalar(select(Project.name).where(Project.id == run.project_id)) == "acme"
+    operator.db.session.remove()
