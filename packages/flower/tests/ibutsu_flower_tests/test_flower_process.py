@@ -68,6 +68,7 @@ def test_flower_sees_workers_and_tasks_and_guards_everything(
     )
     try:
         with running_worker("ibutsu_server:worker_app", service_environ, tmp_path / "worker.log"):
+
             def flower_up() -> bool:
                 if flower.poll() is not None:
                     raise AssertionError((tmp_path / "flower.log").read_text(errors="replace"))

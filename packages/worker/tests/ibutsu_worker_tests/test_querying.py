@@ -80,7 +80,9 @@ def test_operators_metadata_and_paging(session: Session) -> None:
         ({"kind": "users"}, "unknown kind 'users'"),
     ],
 )
-def test_bad_queries_are_refused_clearly(session: Session, kwargs: dict[str, object], message: str) -> None:
+def test_bad_queries_are_refused_clearly(
+    session: Session, kwargs: dict[str, object], message: str
+) -> None:
     arguments: dict[str, Any] = {"kind": "results", "project": "acme", **kwargs}
     with pytest.raises(QueryError, match=message):
         run_query(session, **arguments)
