@@ -16,7 +16,7 @@ from ibutsu_worker.importing.archive import import_archive
 from ibutsu_worker.importing.context import ImportContext, Landed
 from ibutsu_worker.importing.errors import ReportError
 from ibutsu_worker.importing.junit import NOT_A_REPORT, JUnitParser
-from ibutsu_worker.importing.store import ResultWriter
+from ibutsu_worker.importing.store import ResultWriter, dialect_insert
 from ibutsu_worker.summaries import update_run_summary
 
 log = logging.getLogger(__name__)
@@ -49,13 +49,13 @@ def content_chunks(session: Session, import_file_id: uuid.UUID, length: int) -> 
 def _project_id(session: Session, name: str | None) -> uuid.UUID | None:
     if not name:
         return None
-    project_id = session.scalar(select(Project.id).where(Project.name == name))
-    if project_id is None:
-        project = Project(name=name, title=name)
-        session.add(project)
-        session.flush()
-        project_id = project.id
-    return project_id
+    # Imports running at once may create the same project: the second one uses the first's row.
+    session.execute(
+        dialect_insert(session, Project)
+        .values(id=uuid.uuid4(), name=name, title=name)
+        .on_conflict_do_nothing(index_elements=["name"])
+    )
+    return session.scalar(select(Project.id).where(Project.name == name))
 
 
 def claim(session: Session, import_id: uuid.UUID) -> bool:
@@ -108,7 +108,11 @@ def run_import(
         info=info,
         limits=limits,
     )
-    landed = IMPORTERS[fmt](context, _prepend(head, chunks))
+    try:
+        landed = IMPORTERS[fmt](context, _prepend(head, chunks))
+    except ReportError as exc:
+        exc.format = fmt
+        raise
     session.flush()
     summary = update_run_summary(session, landed.run_id)
 
@@ -120,7 +124,12 @@ def run_import(
     record.finished = utcnow()
     # The report has served its purpose; keep the row, drop the bytes.
     session.execute(update(ImportFile).where(ImportFile.id == file_id).values(content=None))
-    return {"run_id": str(landed.run_id), "results": landed.results, "summary": summary}
+    return {
+        "run_id": str(landed.run_id),
+        "format": fmt,
+        "results": landed.results,
+        "summary": summary,
+    }
 
 
 def import_junit(context: ImportContext, chunks: Iterator[bytes]) -> Landed:

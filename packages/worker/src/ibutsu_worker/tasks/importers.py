@@ -8,7 +8,9 @@ from typing import Any
 
 from celery import shared_task
 
+from ibutsu_server.db.engine import after_commit
 from ibutsu_server.ibutsu_task import IbutsuTask
+from ibutsu_worker import metrics
 from ibutsu_worker.importing.errors import ReportError
 from ibutsu_worker.importing.importer import claim, mark_failed, run_import
 
@@ -58,6 +60,14 @@ def import_results(self: ImportTask, import_id: str) -> None:
         session.rollback()
         log.info("import %s failed: %s", key, exc)
         mark_failed(session, key, str(exc))
+        failed = metrics.IMPORTS.labels(exc.format, "failed")
+        after_commit(session, failed.inc)
         return
     if outcome:
         log.info("import %s done: run %s, %d results", key, outcome["run_id"], outcome["results"])
+
+        def count() -> None:
+            metrics.IMPORTS.labels(outcome["format"], "done").inc()
+            metrics.RESULTS_IMPORTED.inc(outcome["results"])
+
+        after_commit(session, count)

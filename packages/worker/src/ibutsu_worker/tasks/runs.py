@@ -8,8 +8,10 @@ from datetime import timedelta
 
 from celery import shared_task
 
+from ibutsu_server.db.engine import after_commit
 from ibutsu_server.db.models import utcnow
 from ibutsu_server.ibutsu_task import IbutsuTask
+from ibutsu_worker import metrics
 from ibutsu_worker.summaries import UpdateOutcome, coalesced_update, stale_runs, update_requested
 
 log = logging.getLogger(__name__)
@@ -23,6 +25,7 @@ def update_run(self: IbutsuTask, run_id: str) -> None:
     coalesced into exactly one more update."""
     key = uuid.UUID(str(run_id))
     outcome = coalesced_update(self.session, key)
+    after_commit(self.session, lambda: metrics.SUMMARY_UPDATES.labels(outcome.value).inc())
     if outcome is UpdateOutcome.MISSING:
         log.info("update_run: run %s does not exist", key)
         return

@@ -1,0 +1,167 @@
+"""What every benchmark shares: sizes, services of its own, progress, and reported figures."""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
+
+from sqlalchemy import Engine
+
+from ibutsu_server.db.engine import make_engine
+from ibutsu_server.db.migrate import upgrade
+from ibutsu_server.settings import Settings
+from ibutsu_testing.services import clear_redis_prefix, postgres_database, service_env, settings_for
+
+QUICK_DIVISOR = 10
+_STARTED = time.monotonic()
+# How each unit is printed; the table and the targets use the same formats.
+UNIT_FORMATS = {
+    "results/s": "{:,.0f} results/s",
+    "MB": "{:.1f} MB",
+    "s": "{:.2f} s",
+    "ms": "{:.1f} ms",
+}
+
+
+def say(message: str) -> None:
+    """One progress line on stderr, stamped with the seconds since the benchmarks started."""
+    print(f"[{time.monotonic() - _STARTED:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def count_label(count: int) -> str:
+    """A row count as the table prints it: 1M, 100k, or 1,234."""
+    if count % 1_000_000 == 0:
+        return f"{count // 1_000_000}M"
+    return f"{count // 1000}k" if count % 1000 == 0 else f"{count:,}"
+
+
+def show(value: float, unit: str) -> str:
+    """``value`` in ``unit`` as the table prints it."""
+    return UNIT_FORMATS[unit].format(value)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much data each benchmark uses; the defaults are the full-size run."""
+
+    import_cases: int = 100_000
+    import_big_cases: int = 400_000
+    import_repeats: int = 3
+    prune_results: int = 1_000_000
+    summary_table_results: int = 1_000_000
+    summary_run_results: int = 100_000
+    summary_repeats: int = 5
+
+    def quick(self) -> Sizes:
+        """The smoke-test sizes: every count divided by QUICK_DIVISOR, as many repeats."""
+        return replace(
+            self,
+            import_cases=self.import_cases // QUICK_DIVISOR,
+            import_big_cases=self.import_big_cases // QUICK_DIVISOR,
+            prune_results=self.prune_results // QUICK_DIVISOR,
+            summary_table_results=self.summary_table_results // QUICK_DIVISOR,
+            summary_run_results=self.summary_run_results // QUICK_DIVISOR,
+        )
+
+
+@dataclass(frozen=True)
+class Target:
+    """A bound on a figure's measured value, or on its ratio to the baseline."""
+
+    subject: Literal["value", "ratio"]
+    op: Literal["<", "<=", ">="]
+    bound: float
+
+    def met(self, value: float, ratio: float | None) -> bool:
+        subject = value if self.subject == "value" else ratio
+        if subject is None:
+            raise ValueError("a ratio target needs a ratio")
+        if self.op == "<":
+            return subject < self.bound
+        if self.op == "<=":
+            return subject <= self.bound
+        return subject >= self.bound
+
+    def describe(self, unit: str) -> str:
+        if self.subject == "value":
+            return f"{self.op} {show(self.bound, unit)}"
+        return f"ratio {self.op} {self.bound:.2f}"
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One line of the summary: a measurement, its baseline from the same run, its target."""
+
+    benchmark: str
+    metric: str
+    value: float
+    unit: str
+    baseline: float | None = None
+    baseline_label: str = ""
+    ratio: float | None = None
+    target: Target | None = None
+
+    @property
+    def verdict(self) -> str:
+        """PASS or MISS against the target; '-' for a figure shown for information."""
+        if self.target is None:
+            return "-"
+        return "PASS" if self.target.met(self.value, self.ratio) else "MISS"
+
+    def cells(self) -> list[str]:
+        """The figure's columns in the printed table."""
+        baseline = "-"
+        if self.baseline is not None:
+            baseline = f"{show(self.baseline, self.unit)} {self.baseline_label}".rstrip()
+        return [
+            self.benchmark,
+            self.metric,
+            show(self.value, self.unit),
+            baseline,
+            "-" if self.ratio is None else f"{self.ratio:.2f}",
+            "-" if self.target is None else self.target.describe(self.unit),
+            self.verdict,
+        ]
+
+    def as_json(self) -> dict[str, Any]:
+        """The figure with raw numbers, for ``--json``."""
+        return {
+            **asdict(self),
+            "target": None if self.target is None else asdict(self.target),
+            "verdict": self.verdict,
+        }
+
+
+@dataclass(frozen=True)
+class Services:
+    """A benchmark's own database (migrated) and Redis namespace, and a worker's environment
+    pointing at them."""
+
+    env: dict[str, str]
+    settings: Settings
+    engine: Engine
+
+
+@contextmanager
+def fresh_services(benchmark: str) -> Iterator[Services]:
+    """A new PostgreSQL database migrated to the newest schema (so the real indexes are in
+    place) and a Redis key prefix of its own; dropped and cleared afterwards."""
+    prefix = f"ibutsu-bench-{benchmark}-{uuid.uuid4().hex[:8]}:"
+    try:
+        with postgres_database() as database:
+            env = service_env(database, prefix)
+            settings = settings_for(env)
+            assert settings.database is not None  # the worker role always has one
+            engine = make_engine(settings.database)
+            try:
+                upgrade(engine)
+                yield Services(env=env, settings=settings, engine=engine)
+            finally:
+                engine.dispose()
+    finally:
+        clear_redis_prefix(prefix)

@@ -1,0 +1,140 @@
+"""Celery signal handlers that feed the worker metrics, and the worker's HTTP endpoint.
+
+Task signals fire in the pool child that runs the task (received, rejected and revoked in
+the main process); the endpoint runs in the main process only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from celery import Celery
+from celery.signals import (
+    after_task_publish,
+    task_failure,
+    task_postrun,
+    task_prerun,
+    task_received,
+    task_rejected,
+    task_retry,
+    task_revoked,
+    task_success,
+    worker_process_shutdown,
+    worker_ready,
+)
+
+from ibutsu_server.http_endpoints import Endpoints, serve
+from ibutsu_server.readiness import readiness_check
+from ibutsu_server.settings import MetricsSettings
+from ibutsu_worker import metrics
+
+log = logging.getLogger(__name__)
+_STARTED_AT = "_ibutsu_started_at"
+
+
+def _labels(task: Any, request: Any = None) -> tuple[str, str, str]:
+    request = request if request is not None else getattr(task, "request", None)
+    delivery = getattr(request, "delivery_info", None) or {}
+    hostname = getattr(request, "hostname", None) or "unknown"
+    queue = delivery.get("routing_key") or "celery"
+    name = getattr(task, "name", None) or getattr(request, "name", None) or "unknown"
+    return str(name), str(hostname), str(queue)
+
+
+def _on_prerun(task: Any = None, **_kwargs: Any) -> None:
+    name, hostname, queue = _labels(task)
+    metrics.STARTED.labels(name, hostname, queue).inc()
+    metrics.ACTIVE.labels(hostname).inc()
+    setattr(task.request, _STARTED_AT, time.perf_counter())
+
+
+def _on_postrun(task: Any = None, **_kwargs: Any) -> None:
+    name, hostname, queue = _labels(task)
+    metrics.ACTIVE.labels(hostname).dec()
+    started = getattr(task.request, _STARTED_AT, None)
+    if started is not None:
+        metrics.RUNTIME.labels(name, hostname, queue).observe(time.perf_counter() - started)
+
+
+def _on_success(sender: Any = None, **_kwargs: Any) -> None:
+    metrics.SUCCEEDED.labels(*_labels(sender)).inc()
+
+
+def _on_failure(sender: Any = None, exception: BaseException | None = None, **_kw: Any) -> None:
+    metrics.FAILED.labels(*_labels(sender), type(exception).__name__).inc()
+
+
+def _on_retry(sender: Any = None, reason: Any = None, **_kwargs: Any) -> None:
+    metrics.RETRIED.labels(*_labels(sender)).inc()
+    metrics.RETRIES.labels(
+        type(reason).__name__ if isinstance(reason, BaseException) else "other"
+    ).inc()
+
+
+def _on_received(request: Any = None, **_kwargs: Any) -> None:
+    metrics.RECEIVED.labels(*_labels(None, request)).inc()
+
+
+def _on_rejected(message: Any = None, **_kwargs: Any) -> None:
+    headers = getattr(message, "headers", None) or {}
+    delivery = getattr(message, "delivery_info", None) or {}
+    name = headers.get("task", "unknown")
+    metrics.REJECTED.labels(name, "unknown", delivery.get("routing_key") or "celery").inc()
+
+
+def _on_revoked(request: Any = None, **_kwargs: Any) -> None:
+    metrics.REVOKED.labels(*_labels(None, request)).inc()
+
+
+def _on_published(sender: str | None = None, routing_key: str | None = None, **_kw: Any) -> None:
+    metrics.SENT.labels(sender or "unknown", "worker", routing_key or "celery").inc()
+
+
+def _on_child_exit(pid: int | None = None, **_kwargs: Any) -> None:
+    metrics.mark_child_dead(pid or os.getpid())
+
+
+def _queue_lengths(app: Celery) -> dict[str, int]:
+    lengths: dict[str, int] = {}
+    with app.connection_for_read() as connection:
+        channel = connection.default_channel
+        for queue in app.amqp.queues:
+            try:
+                lengths[queue] = int(channel.queue_declare(queue, passive=True).message_count)
+            except Exception:  # a queue not declared yet is empty for our purpose
+                lengths[queue] = 0
+    return lengths
+
+
+def install(app: Celery, settings: MetricsSettings | None) -> None:
+    """Connect the metric handlers; serve /metrics, /healthz and /readyz once the worker is
+    ready, when ``settings`` asks for it."""
+    handlers = (
+        (task_prerun, _on_prerun),
+        (task_postrun, _on_postrun),
+        (task_success, _on_success),
+        (task_failure, _on_failure),
+        (task_retry, _on_retry),
+        (task_received, _on_received),
+        (task_rejected, _on_rejected),
+        (task_revoked, _on_revoked),
+        (after_task_publish, _on_published),
+        (worker_process_shutdown, _on_child_exit),
+    )
+    for signal, handler in handlers:
+        signal.connect(handler, weak=False)
+    if settings is None:
+        return
+
+    def start_endpoint(sender: Any = None, **_kwargs: Any) -> None:
+        hostname = getattr(sender, "hostname", "unknown")
+        state = metrics.WorkerStateCollector(hostname, lambda: _queue_lengths(app))
+        endpoints = Endpoints(
+            metrics=lambda: metrics.render(state), alive=lambda: None, ready=readiness_check(app)
+        )
+        app.ibutsu_endpoint = serve(settings, endpoints)
+
+    worker_ready.connect(start_endpoint, weak=False)
