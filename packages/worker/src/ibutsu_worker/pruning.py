@@ -154,19 +154,20 @@ class Pruner:
             ]
             gone = delete(table).where(key.in_(keys)).returning(column.label("at")).cte("gone")
             counts = [select(func.count()).select_from(c).scalar_subquery() for c in gone_children]
-            deleted, newest, *child_counts = self.session.execute(
+            row = self.session.execute(
                 select(func.count(), func.max(gone.c.at), *counts).select_from(gone)
             ).one()
-            for child, count in zip(children, child_counts, strict=True):
+            deleted = int(cast(int, row[0]))
+            for child, count in zip(children, row[2:], strict=True):
                 if count:
                     assert isinstance(child.table, Table)
-                    self.report.count(child.table.name, int(count))
+                    self.report.count(child.table.name, int(cast(int, count)))
             if deleted:
-                self.report.count(table.name, int(deleted))
+                self.report.count(table.name, deleted)
             self._commit(started)
             if deleted < size:
                 return
-            floor = newest
+            floor = cast(datetime, row[1])
 
     def by_query(
         self, key: Column[Any], ids_query: Select[Any], children: Sequence[Column[Any]] = ()
