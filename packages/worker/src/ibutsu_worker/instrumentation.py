@@ -122,12 +122,12 @@ def install(app: Celery, settings: MetricsSettings | None) -> None:
         (task_rejected, _on_rejected),
         (task_revoked, _on_revoked),
         (after_task_publish, _on_published),
-        (worker_process_shutdown, _on_child_exit),
     )
     for signal, handler in handlers:
         signal.connect(handler, weak=False)
     if settings is None:
         return
+    worker_process_shutdown.connect(_on_child_exit, weak=False)
 
     def start_endpoint(sender: Any = None, **_kwargs: Any) -> None:
         hostname = getattr(sender, "hostname", "unknown")

@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 
 from ibutsu_server.db.models import Import, ImportFile, ImportStatus, Project, Run, utcnow
@@ -35,15 +35,20 @@ def detect_format(head: bytes) -> str:
     raise ReportError(NOT_A_REPORT)
 
 
-def content_chunks(session: Session, import_file_id: uuid.UUID, length: int) -> Iterator[bytes]:
-    """The stored report in CHUNK_SIZE slices, so the whole file is never in memory at once."""
-    for offset in range(0, length, CHUNK_SIZE):
-        chunk = session.scalar(
-            select(func.substr(ImportFile.content, offset + 1, CHUNK_SIZE)).where(
-                ImportFile.id == import_file_id
+def content_chunks(engine: Engine, import_file_id: uuid.UUID, length: int) -> Iterator[bytes]:
+    """The stored report in CHUNK_SIZE slices, so the whole file is never in memory at once.
+
+    Read on a connection of its own: the import's connection is busy streaming a COPY while
+    the parser asks for the next slice. The stored bytes never change, so no snapshot is shared.
+    """
+    with engine.connect() as connection:
+        for offset in range(0, length, CHUNK_SIZE):
+            chunk = connection.scalar(
+                select(func.substr(ImportFile.content, offset + 1, CHUNK_SIZE)).where(
+                    ImportFile.id == import_file_id
+                )
             )
-        )
-        yield bytes(chunk or b"")
+            yield bytes(chunk or b"")
 
 
 def _project_id(session: Session, name: str | None) -> uuid.UUID | None:
@@ -97,7 +102,7 @@ def run_import(
             f"the report is {length} bytes, over the upload limit of {limits.max_upload_bytes} "
             "bytes (IBUTSU_IMPORT_MAX_UPLOAD_BYTES)"
         )
-    chunks = content_chunks(session, file_id, length)
+    chunks = content_chunks(session.get_bind().engine, file_id, length)
     head = next(chunks, b"")
     fmt = detect_format(head)
     info = record.data or {}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import json
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -18,6 +18,7 @@ from ibutsu_server.db.models import Base, Result
 from ibutsu_worker.importing.records import ParsedResult
 
 BATCH_SIZE = 5000
+COPY_READ_SIZE = 256 * 1024
 COLUMNS = (
     "id",
     "run_id",
@@ -82,6 +83,40 @@ def upsert(session: Session, model: type[Base], rows: list[dict[str, Any]]) -> N
     session.execute(statement, unique, execution_options=BULK_OPTIONS)
 
 
+class _LineReader(io.TextIOBase):
+    """A file that psycopg2's COPY reads, filled from an iterator of lines on demand, so the
+    report is never formatted whole in memory."""
+
+    def __init__(self, lines: Iterator[str]) -> None:
+        super().__init__()
+        self._lines = lines
+        self._rest = ""
+        #: What the lines' producer raised; psycopg2 only reports that reading failed.
+        self.error: BaseException | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> str:
+        parts, length = [self._rest], len(self._rest)
+        while size is None or size < 0 or length < size:
+            try:
+                line = next(self._lines, None)
+            except BaseException as exc:
+                self.error = exc
+                raise
+            if line is None:
+                break
+            parts.append(line)
+            length += len(line)
+        text = "".join(parts)
+        if size is None or size < 0:
+            self._rest = ""
+            return text
+        self._rest = text[size:]
+        return text[:size]
+
+
 class ResultWriter:
     """Buffers results of one run and writes them BATCH_SIZE at a time, in the caller's
     transaction, so an import that fails leaves nothing behind. With ``upsert``, results whose
@@ -110,27 +145,15 @@ class ResultWriter:
         self.buffer: list[dict[str, Any]] = []
         self.written = 0
         self.upsert = upsert
-        # On PostgreSQL, new results go by COPY: each is formatted into its line at once, and
-        # the run-wide columns are formatted a single time.
-        self.copy_lines: list[str] | None = None
-        if session.get_bind().dialect.name == "postgresql" and not upsert:
-            self.copy_lines = []
-            self._run_columns = "\t".join(map(_copy_field, (run_id, project_id)))
-            self._origin_columns = "\t".join(map(_copy_field, (component, env, source)))
+        # On PostgreSQL, new results stream through one COPY; the run-wide columns are
+        # formatted once.
+        self.copying = session.get_bind().dialect.name == "postgresql" and not upsert
+        self._run_columns = "\t".join(map(_copy_field, (run_id, project_id)))
+        self._origin_columns = "\t".join(map(_copy_field, (component, env, source)))
 
     def add(self, parsed: ParsedResult, **columns: Any) -> None:
         """Buffer one result, writing a batch when the buffer is full; ``columns`` override the
         run-wide component, env or source for this result."""
-        if self.copy_lines is not None and not columns:
-            self.copy_lines.append(
-                f"{parsed.id}\t{self._run_columns}\t{_copy_text(parsed.test_id)}\t"
-                f"{_copy_text(parsed.result)}\t{_copy_field(parsed.start_time)}\t"
-                f"{_copy_field(parsed.duration)}\t{self._origin_columns}\t"
-                f"{_copy_field(parsed.params)}\t{_copy_field(parsed.metadata)}\n"
-            )
-            if len(self.copy_lines) >= BATCH_SIZE:
-                self.flush()
-            return
         self.buffer.append(
             {
                 **self.fixed,
@@ -148,20 +171,39 @@ class ResultWriter:
             self.flush()
 
     def add_all(self, results: Iterable[ParsedResult]) -> None:
-        """Write every result, flushing a batch whenever the buffer is full."""
+        """Write every result: on PostgreSQL as one streamed COPY, so the server stores rows
+        while the parser reads on; elsewhere in batches."""
+        if self.copying:
+            self._copy_all(results)
+            return
         for parsed in results:
             self.add(parsed)
         self.flush()
 
+    def _copy_line(self, parsed: ParsedResult) -> str:
+        self.written += 1
+        return (
+            f"{parsed.id}\t{self._run_columns}\t{_copy_text(parsed.test_id)}\t"
+            f"{_copy_text(parsed.result)}\t{_copy_field(parsed.start_time)}\t"
+            f"{_copy_field(parsed.duration)}\t{self._origin_columns}\t"
+            f"{_copy_field(parsed.params)}\t{_copy_field(parsed.metadata)}\n"
+        )
+
+    def _copy_all(self, results: Iterable[ParsedResult]) -> None:
+        dbapi_connection: Any = self.session.connection().connection.dbapi_connection
+        source = _LineReader(map(self._copy_line, results))
+        # psycopg2's COPY: several times faster than any INSERT form. An error raised while
+        # reading (bad input) aborts the COPY, and the caller's rollback removes its rows.
+        with dbapi_connection.cursor() as cursor:
+            try:
+                cursor.copy_expert(_COPY_SQL, source, size=COPY_READ_SIZE)
+            except Exception:
+                if source.error is not None:
+                    raise source.error from None
+                raise
+
     def flush(self) -> None:
         """Write what is buffered."""
-        if self.copy_lines:
-            dbapi_connection: Any = self.session.connection().connection.dbapi_connection
-            # psycopg2's COPY: several times faster than any INSERT form.
-            with dbapi_connection.cursor() as cursor:
-                cursor.copy_expert(_COPY_SQL, io.StringIO("".join(self.copy_lines)))
-            self.written += len(self.copy_lines)
-            self.copy_lines.clear()
         if not self.buffer:
             return
         if self.upsert:
