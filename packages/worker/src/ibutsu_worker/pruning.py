@@ -16,7 +16,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Column, CursorResult, Select, Table, delete, func, select
+from sqlalchemy import (
+    Column,
+    CursorResult,
+    Select,
+    Table,
+    delete,
+    func,
+    literal_column,
+    select,
+)
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.base import ReadOnlyColumnCollection
 
@@ -143,7 +152,9 @@ class Pruner:
         floor: datetime | None = None
         while True:
             started = time.perf_counter()
-            doomed = select(key.label("key")).where(column < self.report.cutoff)
+            doomed = select(key.label("key"), literal_column("ctid").label("row")).where(
+                column < self.report.cutoff
+            )
             if floor is not None:
                 doomed = doomed.where(column >= floor)
             batch = doomed.order_by(column).limit(size).cte("doomed")
@@ -152,7 +163,15 @@ class Pruner:
                 delete(child.table).where(child.in_(keys)).returning(child).cte(f"gone_{n}")
                 for n, child in enumerate(children)
             ]
-            gone = delete(table).where(key.in_(keys)).returning(column.label("at")).cte("gone")
+            # By physical row address (a TID scan), not through the primary-key index; the
+            # cutoff is checked again in case a row changed since the batch was chosen.
+            rows = func.array(select(batch.c.row).scalar_subquery())
+            gone = (
+                delete(table)
+                .where(literal_column("ctid") == func.any(rows), column < self.report.cutoff)
+                .returning(column.label("at"))
+                .cte("gone")
+            )
             counts = [select(func.count()).select_from(c).scalar_subquery() for c in gone_children]
             row = self.session.execute(
                 select(func.count(), func.max(gone.c.at), *counts).select_from(gone)
