@@ -6,12 +6,9 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,16 +16,10 @@ from pathlib import Path
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from ibutsu_testing.services import REDIS_URL, clean_environ, wait_for
+from ibutsu_testing.services import REDIS_URL, clean_environ, free_port, http_get, wait_for
 
 APP = "ibutsu_scheduler_tests.beat_app:app"
 CREDENTIALS = "prometheus:scrape-password-1"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager
@@ -63,21 +54,6 @@ def _count(env: dict[str, str], which: str) -> int:
     return sent
 
 
-def _scrape(port: int, credentials: str | None = CREDENTIALS) -> tuple[int, str]:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics")
-    if credentials:
-        request.add_header(
-            "Authorization", "Basic " + base64.b64encode(credentials.encode()).decode()
-        )
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, ""
-    except urllib.error.URLError:
-        return 0, ""  # not listening yet
-
-
 def _metric(text: str, name: str, **labels: str) -> float | None:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -87,24 +63,23 @@ def _metric(text: str, name: str, **labels: str) -> float | None:
 
 
 def _leads(port: int) -> bool:
-    status, text = _scrape(port)
+    status, text = http_get(port, "/metrics", CREDENTIALS)
     return status == 200 and _metric(text, "ibutsu_beat_leader") == 1.0
 
 
 def test_entries_are_sent_at_their_slots_and_exported(
     service_environ: dict[str, str], tmp_path: Path
 ) -> None:
-    port = _free_port()
+    port = free_port()
     with beat(service_environ, tmp_path / "beat.log", port):
         wait_for(lambda: _leads(port), timeout=30)
         start_fast = _count(service_environ, "fast")
         time.sleep(8.5)
         fast, slow = _count(service_environ, "fast") - start_fast, _count(service_environ, "slow")
-        status, text = _scrape(port)
-        unauthenticated = _scrape(port, credentials=None)[0]
-        wrong = _scrape(port, credentials="prometheus:wrong-password")[0]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
-            health = response.status
+        status, text = http_get(port, "/metrics", CREDENTIALS)
+        unauthenticated = http_get(port, "/metrics")[0]
+        wrong = http_get(port, "/metrics", "prometheus:wrong-password")[0]
+        health = http_get(port, "/healthz")[0]
     assert (unauthenticated, wrong, health) == (401, 401, 200)
     assert 3 <= fast <= 5  # every 2 s for 8.5 s
     assert slow >= 2
@@ -119,11 +94,11 @@ def test_entries_are_sent_at_their_slots_and_exported(
 def test_two_schedulers_send_each_slot_once_and_a_standby_takes_over(
     service_environ: dict[str, str], tmp_path: Path
 ) -> None:
-    first_port, second_port = _free_port(), _free_port()
+    first_port, second_port = free_port(), free_port()
     with beat(service_environ, tmp_path / "first.log", first_port) as first:
         wait_for(lambda: _leads(first_port), timeout=30)
         with beat(service_environ, tmp_path / "second.log", second_port):
-            wait_for(lambda: _scrape(second_port)[0] == 200, timeout=30)
+            wait_for(lambda: http_get(second_port, "/metrics", CREDENTIALS)[0] == 200, timeout=30)
             before = _count(service_environ, "fast")
             time.sleep(8.5)
             sent = _count(service_environ, "fast") - before
@@ -142,12 +117,12 @@ def test_two_schedulers_send_each_slot_once_and_a_standby_takes_over(
 def test_a_restarted_scheduler_neither_repeats_nor_skips(
     service_environ: dict[str, str], tmp_path: Path
 ) -> None:
-    port = _free_port()
+    port = free_port()
     with beat(service_environ, tmp_path / "one.log", port):
         wait_for(lambda: _count(service_environ, "slow") >= 1, timeout=30)
         stopped_after = _count(service_environ, "slow")
     restarted = time.monotonic()
-    with beat(service_environ, tmp_path / "two.log", _free_port()):
+    with beat(service_environ, tmp_path / "two.log", free_port()):
         wait_for(lambda: _count(service_environ, "slow") > stopped_after, timeout=30)
         first_send = time.monotonic() - restarted
     # The slot state lives in Redis: no immediate repeat of the slot sent before the restart.

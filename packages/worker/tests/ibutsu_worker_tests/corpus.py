@@ -7,6 +7,16 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 CORPUS = Path(os.environ.get("IBUTSU_CORPUS_DIR", "../shared/corpus")) / "junit-jenkins"
+# The run summary of the bundled sample report (ibutsu_worker/samples/sample-junit.xml).
+SAMPLE_SUMMARY = {
+    "tests": 8,
+    "passes": 4,
+    "failures": 1,
+    "errors": 1,
+    "skips": 1,
+    "xfailures": 1,
+    "xpasses": 0,
+}
 # Not JUnit reports: refused with a clear error (README of the corpus).
 REFUSED = {"testXxe-xxe.xml", "testXxe-oob.xml", "junitResult.xml"}
 

@@ -2,35 +2,17 @@
 
 from __future__ import annotations
 
-import base64
-import socket
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from ibutsu_testing.services import running_worker, settings_for, wait_for
+from ibutsu_testing.services import free_port, http_get, running_worker, settings_for, wait_for
 from ibutsu_worker.cli import Operator
 
 CREDENTIALS = "prometheus:scrape-password-1"
 UPDATE_RUN = "ibutsu_server.tasks.runs.update_run"
 IMPORT = "ibutsu_server.tasks.importers.import_results"
-
-
-def _get(port: int, path: str, credentials: str | None = None) -> tuple[int, str]:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
-    if credentials:
-        token = base64.b64encode(credentials.encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, ""
-    except urllib.error.URLError:
-        return 0, ""
 
 
 def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -52,9 +34,7 @@ def _value(
 
 
 def test_metrics_count_every_child_once(service_environ: dict[str, str], tmp_path: Path) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
+    port = free_port()
     env = {
         **service_environ,
         "IBUTSU_METRICS_PORT": str(port),
@@ -73,17 +53,17 @@ def test_metrics_count_every_child_once(service_environ: dict[str, str], tmp_pat
         "--concurrency=2",
         "--max-tasks-per-child=1",
     ):
-        wait_for(lambda: _get(port, "/healthz")[0] == 200, timeout=30)
-        assert _get(port, "/readyz")[0] == 200
-        assert _get(port, "/metrics")[0] == 401
-        assert _get(port, "/metrics", "prometheus:wrong-password")[0] == 401
+        wait_for(lambda: http_get(port, "/healthz")[0] == 200, timeout=30)
+        assert http_get(port, "/readyz")[0] == 200
+        assert http_get(port, "/metrics")[0] == 401
+        assert http_get(port, "/metrics", "prometheus:wrong-password")[0] == 401
         imports = [operator.submit(sample, project="m") for _ in range(3)]
         for _ in range(4):
             operator.celery.send_task(UPDATE_RUN, args=[str(uuid.uuid4())])
         operator.wait(imports, timeout=60, progress=None)
 
         def scraped() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-            status, text = _get(port, "/metrics", CREDENTIALS)
+            status, text = http_get(port, "/metrics", CREDENTIALS)
             samples = _samples(text) if status == 200 else {}
             updates = _value(samples, "celery_task_succeeded_total", name=UPDATE_RUN)
             imported = _value(samples, "celery_task_succeeded_total", name=IMPORT)
