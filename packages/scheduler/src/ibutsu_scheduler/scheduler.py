@@ -51,6 +51,10 @@ class _Exported:
         """Whether this replica sends the periodic tasks."""
         return True
 
+    def entries(self) -> list[Any]:
+        """Every entry of the schedule, with its last run."""
+        return list(self.schedule.values())
+
     def apply_async(self, entry: Any, *args: Any, **kwargs: Any) -> Any:
         result = super().apply_async(entry, *args, **kwargs)  # type: ignore[misc]
         SENDS.labels(entry.name).inc()
@@ -61,7 +65,7 @@ class _Exported:
         delay = float(super().tick(*args, **kwargs))  # type: ignore[misc]
         LEADER.set(1 if self.leads() else 0)
         now = time.time()
-        for entry in self.schedule.values():
+        for entry in self.entries():
             _due, seconds = entry.is_due()
             NEXT_SEND.labels(entry.name).set(now + seconds)
         return delay
@@ -73,6 +77,14 @@ class IbutsuRedBeatScheduler(_Exported, RedBeatScheduler):  # type: ignore[misc]
 
     def leads(self) -> bool:
         return self.lock is not None and bool(self.lock.owned())
+
+    def entries(self) -> list[Any]:
+        # RedBeat's `schedule` holds only the entries due within the next loop; the rest
+        # (and their last runs) are in Redis.
+        names = self.app.conf.beat_schedule or {}
+        return [
+            self.Entry.from_key(self.Entry.generate_key(self.app, n), app=self.app) for n in names
+        ]
 
 
 class IbutsuLocalScheduler(_Exported, PersistentScheduler):  # type: ignore[misc]

@@ -89,6 +89,8 @@ def test_entries_are_sent_at_their_slots_and_exported(
     )
     next_send = _metric(text, "ibutsu_beat_next_send_timestamp_seconds", entry="tick-slow")
     assert next_send is not None and next_send > time.time() - 5
+    weekly = _metric(text, "ibutsu_beat_next_send_timestamp_seconds", entry="weekly")
+    assert weekly is not None and time.time() < weekly <= time.time() + 7 * 86400
 
 
 def test_two_schedulers_send_each_slot_once_and_a_standby_takes_over(
