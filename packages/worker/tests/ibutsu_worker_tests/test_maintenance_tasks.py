@@ -71,6 +71,17 @@ def _run(session: Session, age: timedelta, results: int, **fields: object) -> uu
     return run.id
 
 
+def _wait_for_summary(session: Session, run_id: uuid.UUID, counter: str, expected: int) -> None:
+    """Wait until the worker has stored ``expected`` as the run's ``counter``."""
+
+    def stored() -> bool:
+        session.expire_all()
+        run = session.get(Run, run_id)
+        return run is not None and run.summary is not None and run.summary[counter] == expected
+
+    wait_for(stored, timeout=60)
+
+
 def test_prune_old_runs_reports_what_went(producer: Celery, session: Session) -> None:
     old = _run(session, timedelta(days=500), results=3)
     kept = _run(session, timedelta(days=2), results=1)
@@ -95,25 +106,13 @@ def test_sync_aborted_runs_repairs_summaries(producer: Celery, session: Session)
     run_id = _run(session, timedelta(hours=1), results=4, summary={"tests": 1, "passes": 1})
     enqueued = producer.send_task(f"{TASKS}runs.sync_aborted_runs").get(timeout=60)
     assert enqueued >= 1
-
-    def repaired() -> bool:
-        session.expire_all()
-        run = session.get(Run, run_id)
-        return run is not None and run.summary is not None and run.summary["tests"] == 4
-
-    wait_for(repaired, timeout=60)
+    _wait_for_summary(session, run_id, "tests", 4)
 
 
 def test_update_run_by_name(producer: Celery, session: Session) -> None:
     run_id = _run(session, timedelta(hours=1), results=3)
     producer.send_task(f"{TASKS}runs.update_run", args=[str(run_id)])
-
-    def updated() -> bool:
-        session.expire_all()
-        run = session.get(Run, run_id)
-        return run is not None and run.summary is not None and run.summary["passes"] == 3
-
-    wait_for(updated, timeout=60)
+    _wait_for_summary(session, run_id, "passes", 3)
 
 
 def test_add_result_start_time(producer: Celery, session: Session) -> None:
