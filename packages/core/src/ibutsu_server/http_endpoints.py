@@ -35,6 +35,9 @@ def _handler(endpoints: Endpoints, credentials: str) -> type[BaseHTTPRequestHand
     expected = "Basic " + base64.b64encode(credentials.encode()).decode()
 
     class Handler(BaseHTTPRequestHandler):
+        # An idle or slow client gives up its thread after this many seconds.
+        timeout = 10
+
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":

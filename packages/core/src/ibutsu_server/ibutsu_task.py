@@ -23,7 +23,8 @@ from sqlalchemy.orm import Session
 from ibutsu_server.db.engine import Database, after_commit, database
 
 log = logging.getLogger(__name__)
-_JITTER = random.Random()  # noqa: S311 - spreading retries, not cryptography
+# From the OS on every call: a seeded generator would repeat itself in every forked child.
+_JITTER = random.SystemRandom()
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     sa_exc.OperationalError,  # server gone, deadlock, serialization failure

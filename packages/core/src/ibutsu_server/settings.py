@@ -11,7 +11,7 @@ import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 EMBEDDED_DIR_VAR = "IBUTSU_EMBEDDED_DIR"
 DEFAULT_EMBEDDED_DIR = "var/embedded"
@@ -127,18 +127,19 @@ class Settings:
 
 
 def redact_url(url: str) -> str:
-    """Replace the password of a URL with '***' so the URL can be logged or shown."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    if parts.password is None:
+    """Replace the password of a URL (of each, in Celery's 'url;url' lists) with '***'.
+
+    Cuts by text, not by parsing: a password with an unencoded '/', '#' or '?' still goes."""
+    return ";".join(_redact_one(part) for part in url.split(";"))
+
+
+def _redact_one(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in credentials:
         return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
 
 
 class _Reader:
@@ -156,9 +157,13 @@ class _Reader:
 
     def credentials(self, name: str) -> str:
         """A required 'user:password' with a non-empty user and a password of 12+ characters."""
+        raw = self.environ.get(name, "")
         value = self.text(name, required=True)
         user, sep, password = value.partition(":")
-        if value and (not sep or not user):
+        if value and (raw != value or "," in value):
+            # Flower reads a comma as a list of credentials and compares them unstripped.
+            self.problems.append(f"{name} must be one 'user:password', without commas or spaces")
+        elif value and (not sep or not user):
             self.problems.append(f"{name} must be 'user:password' with a non-empty user")
         elif value and len(password) < MIN_PASSWORD_LENGTH:
             self.problems.append(

@@ -82,6 +82,12 @@ def test_flower_needs_only_the_broker_and_its_credentials() -> None:
     assert not any("POSTGRESQL" in problem for problem in problems)
 
 
+@pytest.mark.parametrize("value", ["admin:Sh0rt,xxxxxxxxxxxx", "admin:a-long-password\n"])
+def test_flower_credentials_flower_would_read_differently(value: str) -> None:
+    with pytest.raises(ConfigError, match="one 'user:password', without commas or spaces"):
+        load_settings(Role.FLOWER, {**BROKER, "FLOWER_BASIC_AUTH": value})
+
+
 def test_flower_is_never_embedded() -> None:
     with pytest.raises(ConfigError, match="FLOWER_BASIC_AUTH is not set"):
         load_settings(Role.FLOWER, {})
@@ -128,6 +134,13 @@ def test_passwords_never_appear_in_errors_or_displays() -> None:
         ("redis://:s3cret@redis:6379/0", "redis://:***@redis:6379/0"),
         ("amqp://user:s3cret@mq/vhost", "amqp://user:***@mq/vhost"),
         ("redis://redis:6379/0", "redis://redis:6379/0"),
+        # Celery's sentinel lists, and passwords nobody URL-encoded.
+        (
+            "sentinel://:pw1@h1:26379;sentinel://:pw2@h2:26379",
+            "sentinel://:***@h1:26379;sentinel://:***@h2:26379",
+        ),
+        ("redis://:top/secret@h/0", "redis://:***@h/0"),
+        ("redis://:pa#ss?word@h:6379/0", "redis://:***@h:6379/0"),
     ],
 )
 def test_redact_url(url: str, expected: str) -> None:

@@ -26,11 +26,12 @@ from celery import Celery
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from ibutsu_server.db.engine import after_commit, database
+from ibutsu_server.db.engine import database
 from ibutsu_server.db.migrate import is_current, upgrade
 from ibutsu_server.db.models import Import, ImportFile, ImportStatus, Run
 from ibutsu_server.settings import EMBEDDED_DIR_VAR, ConfigError, Role, Settings, load_settings
 from ibutsu_worker.factory import create_worker_app
+from ibutsu_worker.importing.importer import mark_failed
 
 IMPORT_TASK = "ibutsu_server.tasks.importers.import_results"
 SAMPLE = "sample-junit.xml"
@@ -115,8 +116,17 @@ class Operator:
         try:
             session.add(Import(id=import_id, filename=path.name, data={"project": project}))
             session.add(ImportFile(import_id=import_id, content=content))
-            after_commit(session, lambda: self.celery.send_task(IMPORT_TASK, args=[str(import_id)]))
             session.commit()
+            # Sent only once the rows are committed, so the worker always finds them.
+            try:
+                self.celery.send_task(IMPORT_TASK, args=[str(import_id)])
+            except Exception as exc:
+                # Never leave an import pending that no worker will ever hear of.
+                mark_failed(session, import_id, "could not be queued: the broker is unreachable")
+                session.commit()
+                raise CommandError(
+                    f"cannot queue {path.name}: the broker is unreachable ({type(exc).__name__})"
+                ) from None
         finally:
             self.db.session.remove()
         return str(import_id)

@@ -138,6 +138,8 @@ def build_query(kind: str, project_id: uuid.UUID, filters: Sequence[Sequence[Any
         if operator not in _OPERATORS:
             raise QueryError(f"unknown operator {operator!r}; allowed: {', '.join(_OPERATORS)}")
         column = _column(kind, str(field))
+        if operator == "contains" and getattr(column.type, "python_type", str) is not str:
+            raise QueryError(f"'contains' works on text fields only, not on {field!r}")
         query = query.where(_OPERATORS[operator](column, _value(column, operator, value)))
     return query
 

@@ -242,14 +242,45 @@ def test_project_from_the_archive_when_this_server_has_it(session: Session) -> N
     land(session, archive.archive(), project_id=uploader.id)
     assert session.scalar(select(Run.project_id)) == uploader.id  # the archive names none
 
+    archive = sample()
     archive.run["metadata"]["project"] = "acme"
     land(session, archive.archive(), project_id=uploader.id)
-    assert set(session.scalars(select(Result.project_id))) == {named.id}
-    assert session.scalar(select(Run.project_id)) == named.id
+    run_project = select(Run.project_id).where(Run.id == uuid.UUID(archive.run_id))
+    assert session.scalar(run_project) == named.id
+    results = select(Result.project_id).where(Result.run_id == uuid.UUID(archive.run_id))
+    assert set(session.scalars(results)) == {named.id}
 
+    archive = sample()
     archive.run["metadata"]["project"] = "not-on-this-server"
     land(session, archive.archive(), project_id=uploader.id)
-    assert session.scalar(select(Run.project_id)) == uploader.id
+    run_project = select(Run.project_id).where(Run.id == uuid.UUID(archive.run_id))
+    assert session.scalar(run_project) == uploader.id
+
+
+def test_an_upload_cannot_take_over_another_runs_rows(session: Session) -> None:
+    victim = sample()
+    land(session, victim.archive())
+    before = {r.id: (r.run_id, r.test_id, r.result) for r in session.scalars(select(Result))}
+
+    attacker = sample()  # a new run of its own, naming one of the victim's result ids
+    stolen = victim.results[0]["id"]
+    attacker.results[0] = {**attacker.results[0], "id": stolen, "test_id": "overwritten"}
+    with pytest.raises(ReportError, match="already belong to another run"):
+        land(session, attacker.archive())
+    session.rollback()
+    after = {r.id: (r.run_id, r.test_id, r.result) for r in session.scalars(select(Result))}
+    assert after == before
+
+    other = Project(name="other")
+    session.add(other)
+    session.commit()
+    renamed = sample()
+    # The victim's run id, uploaded into another project.
+    renamed.run["id"] = victim.run_id
+    for result in renamed.results:
+        result["run_id"] = victim.run_id
+    with pytest.raises(ReportError, match="already belong to another project"):
+        land(session, renamed.archive(), project_id=other.id)
 
 
 def test_reimport_updates_and_never_duplicates(session: Session) -> None:

@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ibutsu_testing.services import clean_environ
+from sqlalchemy import select
+
+from ibutsu_server.db.engine import make_engine
+from ibutsu_server.db.models import Import
+from ibutsu_testing.services import clean_environ, settings_for
 from ibutsu_worker_tests.corpus import REFUSED, SAMPLE_SUMMARY, corpus_files, expected_count
 
 KEYS = {"file", "import_id", "status", "message", "run_id", "summary"}
@@ -76,3 +80,26 @@ def test_missing_schema_and_unknown_import_are_one_line_errors(tmp_path: Path) -
     assert done.returncode == 1
     assert f"ibutsu-tasks: no import {unknown}" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_unreachable_broker_fails_the_import_instead_of_leaving_it_pending(
+    service_environ: dict[str, str], tmp_path: Path
+) -> None:
+    report = tmp_path / "r.xml"
+    report.write_text('<testsuite name="s"><testcase name="t"/></testsuite>')
+    closed = "redis://:broker-s3cret@127.0.0.1:1/0"  # nothing listens on port 1
+    env = {**service_environ, "CELERY_BROKER_URL": closed}
+    assert _cli("db", "upgrade", **env).returncode == 0
+    done = _cli("import", str(report), "--json", **env)
+    assert done.returncode == 1
+    assert "cannot queue r.xml: the broker is unreachable" in done.stderr
+    assert "Traceback" not in done.stderr and "broker-s3cret" not in done.stderr
+    settings = settings_for(service_environ)
+    assert settings.database is not None
+    engine = make_engine(settings.database)
+    with engine.connect() as connection:
+        rows = connection.execute(select(Import.status, Import.message)).all()
+    engine.dispose()
+    assert [tuple(row) for row in rows] == [
+        ("failed", "could not be queued: the broker is unreachable")
+    ]

@@ -78,6 +78,7 @@ def test_operators_metadata_and_paging(session: Session) -> None:
         ({"filters": [["result", "in", []]]}, "'in' needs a list"),
         ({"page_size": MAX_PAGE_SIZE + 1}, "page_size must be between"),
         ({"kind": "users"}, "unknown kind 'users'"),
+        ({"filters": [["duration", "contains", "1"]]}, "'contains' works on text fields only"),
     ],
 )
 def test_bad_queries_are_refused_clearly(

@@ -279,7 +279,7 @@ class _Archive:
                 "import_id": str(self.context.import_id),
             },
         }
-        upsert(self.session, Run, [values])
+        upsert(self.session, Run, [values], owner="project_id")
         self.writer = ResultWriter(
             self.session,
             run_id=self.run_id,

@@ -15,6 +15,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from ibutsu_server.db.models import Base, Result
+from ibutsu_worker.importing.errors import ReportError
 from ibutsu_worker.importing.records import ParsedResult
 
 BATCH_SIZE = 5000
@@ -64,10 +65,12 @@ def dialect_insert(session: Session, model: type[Base]) -> Any:
     return dialect.insert(model)
 
 
-def upsert(session: Session, model: type[Base], rows: list[dict[str, Any]]) -> None:
-    """Insert ``rows`` of ``model``, replacing the rows whose id already exists.
+def upsert(session: Session, model: type[Base], rows: list[dict[str, Any]], owner: str) -> None:
+    """Insert ``rows`` of ``model``, replacing the rows whose id already exists, but only
+    where the existing row has the same ``owner`` column (a result its run, a run its
+    project): an upload can never take over somebody else's rows by naming their ids.
 
-    Every row must have the same keys, "id" among them. PostgreSQL and SQLite only.
+    Every row must have the same keys, "id" and ``owner`` among them. PostgreSQL and SQLite.
     """
     if not rows:
         return
@@ -77,10 +80,16 @@ def upsert(session: Session, model: type[Base], rows: list[dict[str, Any]]) -> N
     statement = statement.on_conflict_do_update(
         index_elements=["id"],
         set_={key: statement.excluded[key] for key in rows[0] if key != "id"},
+        where=statement.table.c[owner].is_not_distinct_from(statement.excluded[owner]),
     ).returning(statement.table.c.id)
     # ON CONFLICT may touch a row only once per statement: the last copy of an id wins.
     unique = list({row["id"]: row for row in rows}.values())
-    session.execute(statement, unique, execution_options=BULK_OPTIONS)
+    written = len(session.execute(statement, unique, execution_options=BULK_OPTIONS).all())
+    if written < len(unique):
+        raise ReportError(
+            f"{len(unique) - written} {model.__tablename__} id(s) of this upload already belong "
+            f"to another {owner.removesuffix('_id')}; ids are kept, so they cannot be reused"
+        )
 
 
 class _LineReader(io.TextIOBase):
@@ -207,7 +216,7 @@ class ResultWriter:
         if not self.buffer:
             return
         if self.upsert:
-            upsert(self.session, Result, self.buffer)
+            upsert(self.session, Result, self.buffer, owner="run_id")
         else:
             self.session.execute(insert(Result), self.buffer, execution_options=BULK_OPTIONS)
         self.written += len(self.buffer)
