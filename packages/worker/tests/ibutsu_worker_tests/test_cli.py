@@ -17,13 +17,13 @@ from ibutsu_worker_tests.corpus import REFUSED, SAMPLE_SUMMARY, corpus_files, ex
 KEYS = {"file", "import_id", "status", "message", "run_id", "summary"}
 
 
-def _cli(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "ibutsu_worker.cli", *args],
         env=clean_environ(**env),
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=300,
         check=False,
     )
 
