@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from celery import Celery
+from celery.signals import after_setup_logger
 
 from ibutsu_server.settings import ConfigError, Role, Settings, load_settings, redact_url
 
@@ -109,6 +110,13 @@ def create_celery(
     """Build a configured Celery app for ``settings`` and log where it points (redacted)."""
     app = celery_cls(f"ibutsu_{settings.role.value}", include=list(include), **kwargs)
     app.conf.update(celery_config(settings))
+    level = settings.worker_loglevel.upper()
+
+    def apply_log_level(logger: logging.Logger, **_kwargs: Any) -> None:
+        # CELERY_WORKER_LOGLEVEL is the deployment's word: it wins over --loglevel.
+        logger.setLevel(level)
+
+    after_setup_logger.connect(apply_log_level, weak=False)
     if settings.embedded:
         log.warning(
             "ibutsu %s: no CELERY_BROKER_URL or POSTGRESQL_* set, running embedded: "

@@ -7,7 +7,6 @@ the main process); the endpoint runs in the main process only.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
 
@@ -22,9 +21,9 @@ from celery.signals import (
     task_retry,
     task_revoked,
     task_success,
-    worker_process_shutdown,
     worker_ready,
 )
+from celery.worker import state as worker_state
 
 from ibutsu_server.http_endpoints import Endpoints, serve
 from ibutsu_server.readiness import readiness_check
@@ -47,13 +46,11 @@ def _labels(task: Any, request: Any = None) -> tuple[str, str, str]:
 def _on_prerun(task: Any = None, **_kwargs: Any) -> None:
     name, hostname, queue = _labels(task)
     metrics.STARTED.labels(name, hostname, queue).inc()
-    metrics.ACTIVE.labels(hostname).inc()
     setattr(task.request, _STARTED_AT, time.perf_counter())
 
 
 def _on_postrun(task: Any = None, **_kwargs: Any) -> None:
     name, hostname, queue = _labels(task)
-    metrics.ACTIVE.labels(hostname).dec()
     started = getattr(task.request, _STARTED_AT, None)
     if started is not None:
         metrics.RUNTIME.labels(name, hostname, queue).observe(time.perf_counter() - started)
@@ -93,10 +90,6 @@ def _on_published(sender: str | None = None, routing_key: str | None = None, **_
     metrics.SENT.labels(sender or "unknown", "worker", routing_key or "celery").inc()
 
 
-def _on_child_exit(pid: int | None = None, **_kwargs: Any) -> None:
-    metrics.mark_child_dead(pid or os.getpid())
-
-
 def _queue_lengths(app: Celery) -> dict[str, int]:
     lengths: dict[str, int] = {}
     with app.connection_for_read() as connection:
@@ -127,11 +120,12 @@ def install(app: Celery, settings: MetricsSettings | None) -> None:
         signal.connect(handler, weak=False)
     if settings is None:
         return
-    worker_process_shutdown.connect(_on_child_exit, weak=False)
 
     def start_endpoint(sender: Any = None, **_kwargs: Any) -> None:
         hostname = getattr(sender, "hostname", "unknown")
-        state = metrics.WorkerStateCollector(hostname, lambda: _queue_lengths(app))
+        state = metrics.WorkerStateCollector(
+            hostname, lambda: len(worker_state.active_requests), lambda: _queue_lengths(app)
+        )
         endpoints = Endpoints(
             metrics=lambda: metrics.render(state), alive=lambda: None, ready=readiness_check(app)
         )

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterable
 from prometheus_client import (
     CollectorRegistry,
     Counter,
-    Gauge,
     Histogram,
     generate_latest,
     multiprocess,
@@ -36,9 +35,6 @@ RUNTIME = Histogram(
     TASK_LABELS,
     buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
 )
-ACTIVE = Gauge(
-    "celery_worker_tasks_active", "Tasks running now", ["hostname"], multiprocess_mode="livesum"
-)
 
 IMPORTS = Counter("ibutsu_imports", "Imports finished", ["format", "outcome"])
 RESULTS_IMPORTED = Counter("ibutsu_results_imported", "Results written by imports")
@@ -48,16 +44,28 @@ RETRIES = Counter("ibutsu_task_retries", "Retries of transient failures", ["reas
 
 
 class WorkerStateCollector(Collector):
-    """Computed at scrape time in the main process: worker up, and each queue's length."""
+    """Computed at scrape time in the main process: worker up, tasks running (the main
+    process's own count, right even after a child was killed mid-task), queue lengths."""
 
-    def __init__(self, hostname: str, queue_lengths: Callable[[], dict[str, int]]) -> None:
+    def __init__(
+        self,
+        hostname: str,
+        active: Callable[[], int],
+        queue_lengths: Callable[[], dict[str, int]],
+    ) -> None:
         self.hostname = hostname
+        self.active = active
         self.queue_lengths = queue_lengths
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         up = GaugeMetricFamily("celery_worker_up", "1 while the worker runs", labels=["hostname"])
         up.add_metric([self.hostname], 1)
         yield up
+        active = GaugeMetricFamily(
+            "celery_worker_tasks_active", "Tasks running now", labels=["hostname"]
+        )
+        active.add_metric([self.hostname], self.active())
+        yield active
         queues = GaugeMetricFamily(
             "celery_queue_length", "Messages waiting in the queue", labels=["queue_name"]
         )
@@ -72,8 +80,3 @@ def render(state: Collector) -> bytes:
     multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     registry.register(state)
     return bytes(generate_latest(registry))
-
-
-def mark_child_dead(pid: int) -> None:
-    """Drop a gone child's live gauges (its counters stay: they happened)."""
-    multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

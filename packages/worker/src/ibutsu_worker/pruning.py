@@ -82,15 +82,19 @@ def months_ago(now: datetime, months: int) -> datetime:
     return now.replace(year=year, month=month + 1, day=day)
 
 
+def check_retention(what: str, value: object, unit: str, minimum: int) -> int:
+    """``value`` as an int, or RetentionRefused if it is not a sane retention for ``what``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise RetentionRefused(
+            f"refusing to prune {what}: the retention must be a whole number of {unit}, "
+            f"at least {minimum}; got {value!r}"
+        )
+    return value
+
+
 def check_months(table: str, months: object) -> int:
     """``months`` as an int, or RetentionRefused if it is not a sane retention for ``table``."""
-    minimum = MIN_MONTHS[table]
-    if isinstance(months, bool) or not isinstance(months, int) or months < minimum:
-        raise RetentionRefused(
-            f"refusing to prune {table}: the retention must be a whole number of months, "
-            f"at least {minimum}; got {months!r}"
-        )
-    return months
+    return check_retention(table, months, "months", MIN_MONTHS[table])
 
 
 def _columns(model: type[Base]) -> ReadOnlyColumnCollection[str, Column[Any]]:
@@ -262,11 +266,7 @@ def prune_runs(session: Session, months: object, batch_size: int = BATCH_SIZE) -
 
 def prune_import_files(session: Session, days: object, batch_size: int = BATCH_SIZE) -> PruneReport:
     """Delete the stored files of imports that finished more than ``days`` days ago."""
-    if isinstance(days, bool) or not isinstance(days, int) or days < MIN_IMPORT_FILE_DAYS:
-        raise RetentionRefused(
-            "refusing to prune import files: the retention must be a whole number of days, "
-            f"at least {MIN_IMPORT_FILE_DAYS}; got {days!r}"
-        )
+    days = check_retention("import files", days, "days", MIN_IMPORT_FILE_DAYS)
     cutoff = utcnow() - timedelta(days=days)
     pruner = Pruner(session, cutoff, batch_size)
     finished = (
