@@ -18,6 +18,7 @@ from typing import Any, cast
 
 from sqlalchemy import (
     Column,
+    ColumnElement,
     CursorResult,
     Select,
     Table,
@@ -63,7 +64,9 @@ class PruneReport:
     longest_batch_seconds: float = 0.0
 
     def count(self, table: str, rows: int) -> None:
-        self.deleted[table] = self.deleted.get(table, 0) + rows
+        """Add ``rows`` deleted from ``table``; tables nothing was deleted from stay out."""
+        if rows:
+            self.deleted[table] = self.deleted.get(table, 0) + rows
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -111,7 +114,7 @@ class Pruner:
 
     def by_time(
         self,
-        column: Column[Any],
+        column: ColumnElement[Any],
         key: Column[Any],
         children: Sequence[Column[Any]] = (),
         *,
@@ -146,7 +149,11 @@ class Pruner:
             floor = rows[-1][1]
 
     def _by_time_in_server(
-        self, column: Column[Any], key: Column[Any], children: Sequence[Column[Any]], size: int
+        self,
+        column: ColumnElement[Any],
+        key: Column[Any],
+        children: Sequence[Column[Any]],
+        size: int,
     ) -> None:
         """by_time in one statement per batch (PostgreSQL's data-modifying WITH): the keys
         never travel to Python and back, so a batch costs little more than its share of one
@@ -182,11 +189,9 @@ class Pruner:
             ).one()
             deleted = int(cast(int, row[0]))
             for child, count in zip(children, row[2:], strict=True):
-                if count:
-                    assert isinstance(child.table, Table)
-                    self.report.count(child.table.name, int(cast(int, count)))
-            if deleted:
-                self.report.count(table.name, deleted)
+                assert isinstance(child.table, Table)
+                self.report.count(child.table.name, int(cast(int, count)))
+            self.report.count(table.name, deleted)
             self._commit(started)
             if deleted < size:
                 return
@@ -244,8 +249,9 @@ def prune_results(session: Session, months: object, batch_size: int = BATCH_SIZE
 
 
 def prune_runs(session: Session, months: object, batch_size: int = BATCH_SIZE) -> PruneReport:
-    """Delete runs that started more than ``months`` months ago with their results and
-    artifacts; a run's results go in batches first, so no transaction grows with a run."""
+    """Delete runs that started (or, without a start time, were stored) more than ``months``
+    months ago with their results and artifacts; a run's results go in batches first, so no
+    transaction grows with a run."""
     cutoff = months_ago(utcnow(), check_months("runs", months))
     pruner = Pruner(session, cutoff, batch_size)
     artifacts, results, runs = _columns(Artifact), _columns(Result), _columns(Run)
@@ -255,7 +261,7 @@ def prune_runs(session: Session, months: object, batch_size: int = BATCH_SIZE) -
         pruner.by_query(results.id, doomed, [artifacts.result_id])
 
     pruner.by_time(
-        runs.start_time,
+        func.coalesce(runs.start_time, runs.created),
         runs.id,
         [artifacts.run_id],
         batch_size=RUN_BATCH_SIZE,

@@ -80,6 +80,16 @@ def test_old_runs_go_with_their_results_and_artifacts(session: Session) -> None:
     assert report.longest_batch_seconds > 0
 
 
+def test_a_run_without_a_start_time_ages_from_when_it_was_stored(session: Session) -> None:
+    stored_long_ago = Run(created=OLD)  # a report with no timestamps at all
+    recent = Run(created=RECENT)
+    session.add_all([stored_long_ago, recent])
+    session.commit()
+    report = prune_runs(session, 12)
+    assert report.deleted == {"runs": 1}
+    assert session.scalars(select(Run.id)).all() == [recent.id]
+
+
 def test_old_artifact_files_go_alone(session: Session) -> None:
     _run(session, RECENT, results=4, artifact_date=OLD)
     _run(session, RECENT, results=1, artifact_date=RECENT)

@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     Text,
     Uuid,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -116,12 +117,17 @@ class _TestRecord:
     data: Mapped[dict[str, Any] | None]
 
 
+# A run's age for pruning: when it started, or when it was stored if nobody said.
+RUN_AGE_SQL = "coalesce(start_time, created)"
+
+
 class Run(_TestRecord, Base):
     __tablename__ = "runs"
     __table_args__ = (
         Index(None, "project_id", "start_time"),
         Index(None, "created"),
         Index(None, "start_time"),
+        Index("ix_runs_age", text(RUN_AGE_SQL)),
     )
 
     id: Mapped[uuid.UUID] = _uuid_pk()
