@@ -10,7 +10,7 @@ import logging
 import time
 from typing import Any
 
-from celery import Celery
+from celery import Celery, current_task
 from celery.signals import (
     after_task_publish,
     task_failure,
@@ -87,7 +87,9 @@ def _on_revoked(request: Any = None, **_kwargs: Any) -> None:
 
 
 def _on_published(sender: str | None = None, routing_key: str | None = None, **_kw: Any) -> None:
-    metrics.SENT.labels(sender or "unknown", "worker", routing_key or "celery").inc()
+    # Sent from inside a task (a follow-up): labelled with the worker that runs it.
+    _, hostname, _ = _labels(current_task)
+    metrics.SENT.labels(sender or "unknown", hostname, routing_key or "celery").inc()
 
 
 def _queue_lengths(app: Celery) -> dict[str, int]:

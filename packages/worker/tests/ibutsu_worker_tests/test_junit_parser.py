@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,12 @@ def test_parse_time(raw: str, seconds: float | None) -> None:
 def test_parse_timestamp_formats(raw: str) -> None:
     parsed = parse_timestamp(raw)
     assert parsed is not None and parsed.tzinfo is not None
+
+
+def test_timestamps_are_converted_to_utc() -> None:
+    parsed = parse_timestamp("2024-01-03T12:27:11-01:00")
+    assert parsed is not None
+    assert (parsed.hour, parsed.utcoffset()) == (13, timedelta(0))
 
 
 def test_unknown_timestamp_does_not_fail() -> None:
