@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
@@ -20,16 +18,9 @@ from ibutsu_worker.pruning import (
     prune_results,
     prune_runs,
 )
-from ibutsu_worker_tests.dbsession import migrated_session
 
 OLD = utcnow() - timedelta(days=800)
 RECENT = utcnow() - timedelta(days=1)
-
-
-@pytest.fixture(params=["postgresql", "sqlite"])
-def session(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Session]:
-    with migrated_session(request.param, tmp_path) as session:
-        yield session
 
 
 def _run(session: Session, when: datetime, results: int, artifact_date: datetime) -> uuid.UUID:

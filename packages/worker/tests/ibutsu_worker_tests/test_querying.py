@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,33 +10,32 @@ from sqlalchemy.orm import Session
 
 from ibutsu_server.db.models import Project, Result, Run, utcnow
 from ibutsu_worker.querying import MAX_PAGE_SIZE, MAX_PAYLOAD_BYTES, QueryError, run_query
-from ibutsu_worker_tests.dbsession import migrated_session
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
-def session(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Session]:
-    with migrated_session(request.param, tmp_path) as session:
-        acme, other = Project(name="acme"), Project(name="other")
-        session.add_all([acme, other])
+@pytest.fixture
+def session(session: Session) -> Session:
+    """The shared migrated session, with two projects' runs and results in it."""
+    acme, other = Project(name="acme"), Project(name="other")
+    session.add_all([acme, other])
+    session.flush()
+    for project, count in ((acme, 30), (other, 10)):
+        run = Run(project_id=project.id, component="ui")
+        session.add(run)
         session.flush()
-        for project, count in ((acme, 30), (other, 10)):
-            run = Run(project_id=project.id, component="ui")
-            session.add(run)
-            session.flush()
-            session.add_all(
-                Result(
-                    run_id=run.id,
-                    project_id=project.id,
-                    test_id=f"test_{n}",
-                    result="failed" if n % 3 == 0 else "passed",
-                    duration=float(n),
-                    start_time=utcnow() - timedelta(minutes=n),
-                    data={"jira": f"BUG-{n % 2}"},
-                )
-                for n in range(count)
+        session.add_all(
+            Result(
+                run_id=run.id,
+                project_id=project.id,
+                test_id=f"test_{n}",
+                result="failed" if n % 3 == 0 else "passed",
+                duration=float(n),
+                start_time=utcnow() - timedelta(minutes=n),
+                data={"jira": f"BUG-{n % 2}"},
             )
-        session.commit()
-        yield session
+            for n in range(count)
+        )
+    session.commit()
+    return session
 
 
 def test_filters_are_scoped_to_the_project(session: Session) -> None:

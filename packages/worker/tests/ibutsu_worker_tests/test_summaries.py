@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,12 +21,6 @@ from ibutsu_worker.summaries import (
 from ibutsu_worker_tests.dbsession import migrated_session
 
 OUTCOMES = ["passed"] * 5 + ["failed"] * 2 + ["error", "skipped", "xfailed", "xpassed", "manual"]
-
-
-@pytest.fixture(params=["postgresql", "sqlite"])
-def session(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Session]:
-    with migrated_session(request.param, tmp_path) as session:
-        yield session
 
 
 def _run_with_results(session: Session, **run_fields: object) -> uuid.UUID:
