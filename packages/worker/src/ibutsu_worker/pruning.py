@@ -131,10 +131,8 @@ class Pruner:
         floor: datetime | None = None
         while True:
             started = time.perf_counter()
-            query = select(key, column).where(column < self.report.cutoff)
-            if floor is not None:
-                query = query.where(column >= floor)
-            rows = self.session.execute(query.order_by(column).limit(size)).all()
+            query = self._oldest(select(key, column), column, floor, size)
+            rows = self.session.execute(query).all()
             if not rows:
                 self.session.rollback()
                 return
@@ -147,6 +145,16 @@ class Pruner:
             if len(rows) < size:
                 return
             floor = rows[-1][1]
+
+    def _oldest(
+        self, query: Select[Any], column: ColumnElement[Any], floor: datetime | None, size: int
+    ) -> Select[Any]:
+        """``query`` narrowed to the next batch: rows older than the cutoff, from ``floor``
+        on (keyset pagination: no batch rescans what an earlier one deleted), oldest first."""
+        query = query.where(column < self.report.cutoff)
+        if floor is not None:
+            query = query.where(column >= floor)
+        return query.order_by(column).limit(size)
 
     def _by_time_in_server(
         self,
@@ -163,12 +171,8 @@ class Pruner:
         floor: datetime | None = None
         while True:
             started = time.perf_counter()
-            doomed = select(key.label("key"), literal_column("ctid").label("row")).where(
-                column < self.report.cutoff
-            )
-            if floor is not None:
-                doomed = doomed.where(column >= floor)
-            batch = doomed.order_by(column).limit(size).cte("doomed")
+            doomed = select(key.label("key"), literal_column("ctid").label("row"))
+            batch = self._oldest(doomed, column, floor, size).cte("doomed")
             keys = select(batch.c.key)
             gone_children = [
                 delete(child.table).where(child.in_(keys)).returning(child).cte(f"gone_{n}")

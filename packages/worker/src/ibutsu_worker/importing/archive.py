@@ -21,7 +21,7 @@ import tempfile
 import uuid
 import zlib
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import IO, Any, Self
 
 from sqlalchemy import delete, insert, or_, select
@@ -494,8 +494,7 @@ def _timestamp(doc: dict[str, Any], key: str, where: str) -> datetime | None:
     parsed = parse_timestamp(value) if isinstance(value, str) else None
     if parsed is None:
         raise ReportError(f"{where}: {key} {value!r} is not an ISO 8601 date")
-    # In UTC, because SQLite stores the wall-clock time and drops the offset.
-    return parsed.astimezone(UTC)
+    return parsed  # parse_timestamp gives UTC: SQLite drops offsets
 
 
 def _seconds(doc: dict[str, Any], key: str, where: str) -> float | None:
