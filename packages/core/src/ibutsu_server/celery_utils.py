@@ -104,11 +104,10 @@ def create_celery(
     settings: Settings,
     *,
     include: Iterable[str] = (),
-    celery_cls: type[Celery] = Celery,
     **kwargs: Any,
 ) -> Celery:
     """Build a configured Celery app for ``settings`` and log where it points (redacted)."""
-    app = celery_cls(f"ibutsu_{settings.role.value}", include=list(include), **kwargs)
+    app = Celery(f"ibutsu_{settings.role.value}", include=list(include), **kwargs)
     app.conf.update(celery_config(settings))
     level = settings.worker_loglevel.upper()
 

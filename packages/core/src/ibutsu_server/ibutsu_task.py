@@ -1,9 +1,13 @@
 """IbutsuTask: the base class of every task that touches the database.
 
-It owns the transaction: the Flask app context is pushed, the session commits when the task
-returns and rolls back when it raises, and is always removed. Only transient failures (the
-database or the broker going away, timeouts) are retried, with capped exponential backoff and
-jitter; bad input is never retried.
+It owns the transaction. Each run of a task gets one session scope: the Flask app context is
+pushed, the session commits when the task returns and rolls back when it raises, and is always
+removed. Domain code never commits; a task that must make work visible before it ends (an
+import's "running", each pruning batch) calls :meth:`IbutsuTask.checkpoint`, by name. Only
+transient failures (the database or the broker going away, timeouts, deadlocks) are retried,
+with capped exponential backoff and jitter; bad input is never retried. Work that must happen
+when a task has failed for good (an import marked as failed) goes in :meth:`on_final_failure`,
+which runs in a session scope of its own.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import logging
 import random
 import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import kombu.exceptions
@@ -21,6 +27,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from ibutsu_server.db.engine import Database, after_commit, database
+from ibutsu_server.settings import Settings
 
 log = logging.getLogger(__name__)
 # From the OS on every call: a seeded generator would repeat itself in every forked child.
@@ -63,6 +70,12 @@ class IbutsuTask(Task):  # type: ignore[misc]
     retry_backoff_cap = 300.0
 
     @property
+    def settings(self) -> Settings:
+        """The settings the app was built with."""
+        settings: Settings = self.app.flask_app.config["IBUTSU_SETTINGS"]
+        return settings
+
+    @property
     def db(self) -> Database:
         return database(self.app.flask_app)
 
@@ -71,38 +84,71 @@ class IbutsuTask(Task):  # type: ignore[misc]
         """The session of the running task (one per worker thread)."""
         return self.db.session()
 
-    def send_after_commit(self, task_name: str, *args: Any, **kwargs: Any) -> None:
-        """Enqueue ``task_name`` once this task's transaction commits; never if it rolls back."""
-        after_commit(self.session, lambda: self.app.send_task(task_name, args=args, kwargs=kwargs))
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    @contextmanager
+    def session_scope(self) -> Iterator[Session]:
+        """The app context and a session: committed if the block returns, rolled back if it
+        raises (even on a connection that is already gone), always removed."""
         with self.app.flask_app.app_context():
             session = self.session
             try:
-                result = super().__call__(*args, **kwargs)
+                yield session
                 session.commit()
-                return result
-            except Retry:
-                session.rollback()
-                raise
-            except Exception as exc:
-                session.rollback()
-                if is_transient(exc):
-                    delay = backoff_delay(
-                        self.request.retries,
-                        base=self.retry_backoff_base,
-                        cap=self.retry_backoff_cap,
-                    )
-                    log.warning(
-                        "%s[%s]: transient %s, retry %d/%d in %.1fs",
-                        self.name,
-                        self.request.id,
-                        type(exc).__name__,
-                        self.request.retries + 1,
-                        self.max_retries,
-                        delay,
-                    )
-                    raise self.retry(exc=exc, countdown=delay) from exc
+            except BaseException:
+                # A rollback on a dead connection raises too; the original error matters.
+                with suppress(Exception):
+                    session.rollback()
                 raise
             finally:
                 self.db.session.remove()
+
+    def checkpoint(self, reason: str) -> None:
+        """Commit now, on purpose, so others see the work so far (``reason`` says why);
+        follow-ups queued with send_after_commit until now are sent."""
+        log.debug("%s[%s]: checkpoint: %s", self.name, self.request.id, reason)
+        self.session.commit()
+
+    def after_commit(self, callback: Callable[[], Any]) -> None:
+        """Run ``callback`` once this task's transaction commits; never if it rolls back."""
+        after_commit(self.session, callback)
+
+    def send_after_commit(self, task_name: str, *args: Any, **options: Any) -> None:
+        """Enqueue ``task_name`` with ``args`` once this task's transaction commits; never if
+        it rolls back. ``options`` go to send_task (``countdown=5``, ``kwargs={...}``)."""
+        self.after_commit(lambda: self.app.send_task(task_name, args=list(args), **options))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            with self.session_scope():
+                return super().__call__(*args, **kwargs)
+        except Retry:
+            raise
+        except Exception as exc:
+            if is_transient(exc) and self.request.retries < self.max_retries:
+                delay = backoff_delay(
+                    self.request.retries, base=self.retry_backoff_base, cap=self.retry_backoff_cap
+                )
+                log.warning(
+                    "%s[%s]: transient %s, retry %d/%d in %.1fs",
+                    self.name,
+                    self.request.id,
+                    type(exc).__name__,
+                    self.request.retries + 1,
+                    self.max_retries,
+                    delay,
+                )
+                raise self.retry(exc=exc, countdown=delay) from exc
+            self._final_failure(exc, args, kwargs)
+            raise
+
+    def _final_failure(self, exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        try:
+            with self.session_scope() as session:
+                self.on_final_failure(session, exc, args, kwargs)
+        except Exception:
+            log.exception("%s[%s]: recording the failure failed", self.name, self.request.id)
+
+    def on_final_failure(
+        self, session: Session, exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        """Record that the task failed for good (no retry left); runs in a transaction of its
+        own after the task's was rolled back. Nothing by default."""

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from ibutsu_server.celery_utils import create_celery
 from ibutsu_server.db.engine import make_engine
 from ibutsu_server.db.migrate import upgrade
-from ibutsu_server.db.models import Project
+from ibutsu_server.db.models import User
 from ibutsu_server.ibutsu_task import backoff_delay, is_transient
 from ibutsu_testing.services import REDIS_URL, running_worker, settings_for, wait_for
 from ibutsu_testing.tasks_app import BACKOFF_BASE, BACKOFF_CAP
@@ -52,7 +52,7 @@ def _projects(env: dict[str, str], pattern: str) -> int:
     engine = make_engine(settings.database)
     with engine.connect() as connection:
         count = connection.scalar(
-            select(func.count()).select_from(Project).where(Project.name.like(pattern))
+            select(func.count()).select_from(User).where(User.email.like(f"{pattern}@example.com"))
         )
     engine.dispose()
     return int(count or 0)

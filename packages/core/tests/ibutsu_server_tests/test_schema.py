@@ -1,93 +1,182 @@
-"""Migrations build exactly the models' schema, on PostgreSQL and on SQLite."""
+"""The schema belongs to Ibutsu's backend: our migration creates exactly upstream's, and a
+database upstream's migrations created is used as it is, never migrated."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
 import uuid
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, delete, select, text
+from sqlalchemy import Engine, inspect, select, text
 from sqlalchemy.orm import Session
 
 from ibutsu_server.db.engine import make_engine
-from ibutsu_server.db.migrate import is_current, upgrade
-from ibutsu_server.db.models import Artifact, Base, Result, Run, utcnow
+from ibutsu_server.db.migrate import (
+    BACKEND_VERSION_TABLE,
+    VERSION_TABLE,
+    Owner,
+    SchemaError,
+    inspect_schema,
+    require_ready,
+    upgrade,
+)
+from ibutsu_server.db.models import Result, Run, utcnow
+from ibutsu_server.db.schema import UPSTREAM_REVISION, metadata
 from ibutsu_server.settings import DatabaseSettings
 from ibutsu_testing.services import PG_HOST, PG_PORT, PG_USER, postgres_database
 
+UPSTREAM = Path(os.environ.get("IBUTSU_UPSTREAM_DIR", "../shared/upstream"))
 
-@pytest.fixture(params=["postgresql", "sqlite"])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    if request.param == "sqlite":
-        engine = make_engine(DatabaseSettings(sqlite_path=tmp_path / "ibutsu.sqlite3"))
-        yield engine
-        engine.dispose()
-        return
+
+@pytest.fixture
+def postgres() -> Iterator[tuple[str, Engine]]:
     with postgres_database() as name:
         engine = make_engine(
             DatabaseSettings(host=PG_HOST, port=int(PG_PORT), user=PG_USER, database=name)
         )
-        yield engine
+        yield name, engine
         engine.dispose()
 
 
-# SQLite cannot reflect expression indexes (ix_runs_age); PostgreSQL compares them.
-@pytest.mark.filterwarnings("ignore:.*expression-based index")
-def test_upgrade_is_idempotent_and_matches_the_models(engine: Engine) -> None:
-    assert not is_current(engine)
-    upgrade(engine)
-    upgrade(engine)
-    assert is_current(engine)
-    with engine.connect() as connection:
-        diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
-    assert diff == []
+@pytest.fixture
+def sqlite(tmp_path: Path) -> Iterator[Engine]:
+    engine = make_engine(DatabaseSettings(sqlite_path=tmp_path / "ibutsu.sqlite3"))
+    yield engine
+    engine.dispose()
 
 
-def test_newer_artifact_never_blocks_deleting_an_old_run(engine: Engine) -> None:
+def _psql(database: str, *args: str) -> str:
+    done = subprocess.run(
+        ["psql", "-h", PG_HOST, "-p", PG_PORT, "-U", PG_USER, "-d", database, "-v", "ON_ERROR_STOP=1", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout
+
+
+def _dump(database: str) -> str:
+    done = subprocess.run(
+        ["pg_dump", "--schema-only", "--no-owner", "-h", PG_HOST, "-p", PG_PORT, "-U", PG_USER, database],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout
+
+
+def _statements(dump: str) -> list[str]:
+    """A pg_dump's SQL statements, one line each; comments and psql commands left out."""
+    lines = [
+        line.strip()
+        for line in dump.splitlines()
+        if line.strip() and not line.startswith(("--", "\\"))
+    ]
+    return [statement.strip() for statement in " ".join(lines).split(";")]
+
+
+def _schema(dump: str) -> tuple[dict[str, list[str]], set[str]]:
+    """A pg_dump as {table: its column lines} and the set of every other statement (keys,
+    indexes, foreign keys), each version table left out."""
+    statements = _statements(dump)
+    tables: dict[str, list[str]] = {}
+    others: set[str] = set()
+    for statement in statements:
+        if not statement or statement.startswith(("SET ", "SELECT pg_catalog", "\\")):
+            continue
+        if any(name in statement for name in (BACKEND_VERSION_TABLE, VERSION_TABLE)):
+            continue
+        created = re.match(r"CREATE TABLE public\.(\w+) \((.*)\)$", statement)
+        if created:
+            tables[created.group(1)] = [c.strip() for c in created.group(2).split(",")]
+        else:
+            others.add(statement)
+    return tables, others
+
+
+def test_our_migration_creates_upstreams_schema_table_by_table(
+    postgres: tuple[str, Engine],
+) -> None:
+    name, engine = postgres
+    assert inspect_schema(engine).owner is Owner.NOBODY
     upgrade(engine)
-    old, new = utcnow() - timedelta(days=400), utcnow()
+    upgrade(engine)  # idempotent
+    ours_tables, ours_others = _schema(_dump(name))
+    upstream_tables, upstream_others = _schema((UPSTREAM / "schema.sql").read_text())
+    assert sorted(ours_tables) == sorted(upstream_tables)
+    for table, columns in upstream_tables.items():
+        assert ours_tables[table] == columns, table  # column by column, in order
+    assert ours_others == upstream_others  # primary keys, indexes, foreign keys
+    state = inspect_schema(engine)
+    assert (state.owner, state.revision, state.ready) == (Owner.TASKS, "0001", True)
+    assert BACKEND_VERSION_TABLE not in inspect(engine).get_table_names()
+
+
+def test_a_database_upstream_created_is_used_as_it_is(postgres: tuple[str, Engine]) -> None:
+    name, engine = postgres
+    _psql(name, "-f", str(UPSTREAM / "schema.sql"))
+    _psql(name, "-c", f"INSERT INTO alembic_version VALUES ('{UPSTREAM_REVISION}')")
+    before = _statements(_dump(name))
+    state = upgrade(engine)
+    assert (state.owner, state.revision, state.ready) == (Owner.BACKEND, UPSTREAM_REVISION, True)
+    assert _statements(_dump(name)) == before  # nothing changed, no version table of ours
+    assert require_ready(engine) == state
+    # The models read and write it.
     with Session(engine) as session, session.begin():
-        run = Run(created=old, start_time=old)
+        start = utcnow()
+        run = Run(id=uuid.uuid4(), start_time=start, created=start, summary={"tests": 0})
         session.add(run)
         session.flush()
-        result = Result(run_id=run.id, test_id="t", result="passed", start_time=old)
-        session.add(result)
-        session.flush()
-        session.add(
-            Artifact(
-                result_id=result.id, run_id=run.id, filename="log", content=b"x", upload_date=new
-            )
-        )
-        run_id = run.id
-    with Session(engine) as session, session.begin():
-        session.execute(delete(Run).where(Run.id == run_id))
-    with Session(engine) as session:
-        assert session.scalar(select(Result.id).where(Result.run_id == run_id)) is None
-        assert session.scalar(select(Artifact.id)) is None
+        session.add(Result(id=uuid.uuid4(), run_id=run.id, test_id="t", result="passed", start_time=start))
+    with engine.connect() as connection:
+        assert connection.scalar(select(Result.test_id)) == "t"
 
 
-def test_json_and_uuid_round_trip(engine: Engine) -> None:
+def test_a_backend_schema_missing_what_the_tasks_need_is_named(
+    postgres: tuple[str, Engine],
+) -> None:
+    name, engine = postgres
+    _psql(name, "-f", str(UPSTREAM / "schema.sql"))
+    _psql(name, "-c", "INSERT INTO alembic_version VALUES ('cacecc4f1237'); ALTER TABLE runs DROP COLUMN summary")
+    with pytest.raises(SchemaError, match=r"revision cacecc4f1237.*lacks: runs\.summary"):
+        upgrade(engine)
+    with pytest.raises(SchemaError, match="upgrade Ibutsu's backend"):
+        require_ready(engine)
+    assert VERSION_TABLE not in inspect(engine).get_table_names()
+
+
+def test_an_empty_database_says_to_upgrade(sqlite: Engine) -> None:
+    with pytest.raises(SchemaError, match="run `ibutsu-tasks db upgrade`"):
+        require_ready(sqlite)
+
+
+# SQLite cannot reflect expression indexes: those are PostgreSQL-only anyway.
+@pytest.mark.filterwarnings("ignore:autogenerate skipping metadata-specified expression")
+@pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
+def test_the_models_match_what_the_migration_creates(
+    dialect: str, postgres: tuple[str, Engine], sqlite: Engine
+) -> None:
+    engine = postgres[1] if dialect == "postgresql" else sqlite
     upgrade(engine)
-    data = {"classname": "tests.test_x", "properties": {"a": "1"}, "nested": [1, 2]}
-    with Session(engine) as session, session.begin():
-        result = Result(test_id="t", result="failed", data=data, params={"p": 1})
-        session.add(result)
-        session.flush()
-        key = result.id
-    with Session(engine) as session:
-        loaded = session.get(Result, key)
-        assert loaded is not None and isinstance(loaded.id, uuid.UUID)
-        assert loaded.data == data and loaded.params == {"p": 1}
-    if engine.dialect.name == "postgresql":
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+        diff = compare_metadata(context, metadata)
+    if dialect == "sqlite":
+        # SQLite cannot add a foreign key to an existing table, and this one closes a cycle.
+        diff = [d for d in diff if d[0] != "add_fk" or d[1].name != "fk_project_default_dashboard"]
+    assert diff == []
+    if dialect == "postgresql":
         with engine.connect() as connection:
-            kind = connection.scalar(
+            found = connection.scalar(
                 text(
                     "SELECT data_type FROM information_schema.columns "
                     "WHERE table_name = 'results' AND column_name = 'data'"
                 )
             )
-        assert kind == "jsonb"
+        assert found == "jsonb"

@@ -6,10 +6,10 @@ from typing import Any
 
 from celery.schedules import crontab
 
+from ibutsu_server import task_names
 from ibutsu_server.settings import Retention
 
 SATURDAY = "sat"
-TASKS = "ibutsu_server.tasks."
 
 
 def beat_schedule(retention: Retention) -> dict[str, dict[str, Any]]:
@@ -17,26 +17,26 @@ def beat_schedule(retention: Retention) -> dict[str, dict[str, Any]]:
     sync of aborted runs every 30 minutes (times in the app's timezone, UTC by default)."""
     return {
         "prune-old-artifact-files": {
-            "task": f"{TASKS}db.prune_old_files",
+            "task": task_names.PRUNE_OLD_FILES,
             "schedule": crontab(minute=0, hour=4, day_of_week=SATURDAY),
             "args": (retention.files_months,),
         },
         "prune-old-results": {
-            "task": f"{TASKS}db.prune_old_results",
+            "task": task_names.PRUNE_OLD_RESULTS,
             "schedule": crontab(minute=0, hour=5, day_of_week=SATURDAY),
             "args": (retention.results_months,),
         },
         "prune-old-runs": {
-            "task": f"{TASKS}db.prune_old_runs",
+            "task": task_names.PRUNE_OLD_RUNS,
             "schedule": crontab(minute=0, hour=6, day_of_week=SATURDAY),
             "args": (retention.runs_months,),
         },
         "sync-aborted-runs": {
-            "task": f"{TASKS}runs.sync_aborted_runs",
+            "task": task_names.SYNC_ABORTED_RUNS,
             "schedule": crontab(minute="*/30"),
         },
         "prune-old-import-files": {
-            "task": f"{TASKS}db.prune_old_import_files",
+            "task": task_names.PRUNE_OLD_IMPORT_FILES,
             "schedule": crontab(minute=30, hour=3),
             "args": (retention.import_files_days,),
         },

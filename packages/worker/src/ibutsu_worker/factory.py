@@ -1,4 +1,4 @@
-"""The worker's Celery app factory: every task module, under the names producers use."""
+"""The worker's Celery app factory: every task module loaded, each task under its wire name."""
 
 from __future__ import annotations
 
@@ -16,24 +16,10 @@ TASK_MODULES = (
     "ibutsu_worker.tasks.results",
     "ibutsu_worker.tasks.runs",
 )
-# Producers enqueue by these names (ibutsu_server.tasks.importers.import_results, ...).
-WIRE_PREFIX = "ibutsu_server.tasks."
-_MODULE_PREFIX = "ibutsu_worker.tasks."
-
-
-class WorkerCelery(Celery):  # type: ignore[misc]
-    """Names each task ``ibutsu_server.tasks.<module>.<function>``, the names producers use."""
-
-    def gen_task_name(self, name: str, module: str) -> str:
-        if module.startswith(_MODULE_PREFIX):
-            return f"{WIRE_PREFIX}{module.removeprefix(_MODULE_PREFIX)}.{name}"
-        return str(super().gen_task_name(name, module))
 
 
 def create_worker_app(settings: Settings | None = None, **kwargs: Any) -> Celery:
     """The worker's Celery app, with every task module loaded."""
-    app = create_flask_celery_app(
-        Role.WORKER, settings=settings, include=TASK_MODULES, celery_cls=WorkerCelery, **kwargs
-    )
+    app = create_flask_celery_app(Role.WORKER, settings=settings, include=TASK_MODULES, **kwargs)
     app.loader.import_default_modules()
     return app

@@ -2,7 +2,11 @@
 
 Batches walk the time index from the oldest row (keyset pagination), so no batch rescans
 what earlier batches deleted, and no batch holds locks for long. Artifacts and results that
-belong to a doomed row are deleted before it, so a newer row can never block the delete.
+belong to a doomed row are deleted before it (upstream's foreign keys do not cascade), so a
+newer row can never block the delete. The ages are upstream's: artifacts by upload date,
+results and runs by start time, imports (with their files) by when they were created.
+
+Each batch ends with ``commit``, the caller's named checkpoint; nothing else here commits.
 """
 
 from __future__ import annotations
@@ -30,16 +34,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.base import ReadOnlyColumnCollection
 
-from ibutsu_server.db.models import (
-    Artifact,
-    Base,
-    Import,
-    ImportFile,
-    ImportStatus,
-    Result,
-    Run,
-    utcnow,
-)
+from ibutsu_server.db.models import Artifact, Base, Import, ImportFile, Result, Run, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +81,10 @@ def months_ago(now: datetime, months: int) -> datetime:
 
 
 def check_retention(what: str, value: object, unit: str, minimum: int) -> int:
-    """``value`` as an int, or RetentionRefused if it is not a sane retention for ``what``."""
+    """``value`` as an int (a string of digits too, as the admin page may send it), or
+    RetentionRefused if it is not a sane retention for ``what``."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise RetentionRefused(
             f"refusing to prune {what}: the retention must be a whole number of {unit}, "
@@ -104,11 +102,17 @@ def _columns(model: type[Base]) -> ReadOnlyColumnCollection[str, Column[Any]]:
     return cast(Table, model.__table__).c
 
 
+Commit = Callable[[], None]
+
+
 class Pruner:
     """Deletes rows older than a cutoff in batches, each batch its own timed transaction."""
 
-    def __init__(self, session: Session, cutoff: datetime, batch_size: int = BATCH_SIZE) -> None:
+    def __init__(
+        self, session: Session, commit: Commit, cutoff: datetime, batch_size: int = BATCH_SIZE
+    ) -> None:
         self.session = session
+        self.commit = commit
         self.batch_size = batch_size
         self.report = PruneReport(cutoff=cutoff)
 
@@ -134,7 +138,6 @@ class Pruner:
             query = self._oldest(select(key, column), column, floor, size)
             rows = self.session.execute(query).all()
             if not rows:
-                self.session.rollback()
                 return
             ids = [row[0] for row in rows]
             if before is not None:
@@ -228,36 +231,41 @@ class Pruner:
             self.report.count(table.name, done.rowcount)
 
     def _commit(self, started: float) -> None:
-        self.session.commit()
+        self.commit()
         elapsed = time.perf_counter() - started
         self.report.batches += 1
         self.report.longest_batch_seconds = max(self.report.longest_batch_seconds, elapsed)
 
 
-def prune_artifacts(session: Session, months: object, batch_size: int = BATCH_SIZE) -> PruneReport:
+def prune_artifacts(
+    session: Session, commit: Commit, months: object, batch_size: int = BATCH_SIZE
+) -> PruneReport:
     """Delete artifacts uploaded more than ``months`` months ago."""
     cutoff = months_ago(utcnow(), check_months("artifacts", months))
-    pruner = Pruner(session, cutoff, batch_size)
+    pruner = Pruner(session, commit, cutoff, batch_size)
     artifacts = _columns(Artifact)
     pruner.by_time(artifacts.upload_date, artifacts.id)
     return _logged("artifacts", pruner.report)
 
 
-def prune_results(session: Session, months: object, batch_size: int = BATCH_SIZE) -> PruneReport:
+def prune_results(
+    session: Session, commit: Commit, months: object, batch_size: int = BATCH_SIZE
+) -> PruneReport:
     """Delete results that started more than ``months`` months ago, their artifacts first."""
     cutoff = months_ago(utcnow(), check_months("results", months))
-    pruner = Pruner(session, cutoff, batch_size)
+    pruner = Pruner(session, commit, cutoff, batch_size)
     results = _columns(Result)
     pruner.by_time(results.start_time, results.id, [_columns(Artifact).result_id])
     return _logged("results", pruner.report)
 
 
-def prune_runs(session: Session, months: object, batch_size: int = BATCH_SIZE) -> PruneReport:
-    """Delete runs that started (or, without a start time, were stored) more than ``months``
-    months ago with their results and artifacts; a run's results go in batches first, so no
-    transaction grows with a run."""
+def prune_runs(
+    session: Session, commit: Commit, months: object, batch_size: int = BATCH_SIZE
+) -> PruneReport:
+    """Delete runs that started more than ``months`` months ago with their results and
+    artifacts; a run's results go in batches first, so no transaction grows with a run."""
     cutoff = months_ago(utcnow(), check_months("runs", months))
-    pruner = Pruner(session, cutoff, batch_size)
+    pruner = Pruner(session, commit, cutoff, batch_size)
     artifacts, results, runs = _columns(Artifact), _columns(Result), _columns(Run)
 
     def results_first(run_ids: list[uuid.UUID]) -> None:
@@ -265,7 +273,7 @@ def prune_runs(session: Session, months: object, batch_size: int = BATCH_SIZE) -
         pruner.by_query(results.id, doomed, [artifacts.result_id])
 
     pruner.by_time(
-        func.coalesce(runs.start_time, runs.created),
+        runs.start_time,
         runs.id,
         [artifacts.run_id],
         batch_size=RUN_BATCH_SIZE,
@@ -274,20 +282,16 @@ def prune_runs(session: Session, months: object, batch_size: int = BATCH_SIZE) -
     return _logged("runs", pruner.report)
 
 
-def prune_import_files(session: Session, days: object, batch_size: int = BATCH_SIZE) -> PruneReport:
-    """Delete the stored files of imports that finished more than ``days`` days ago."""
-    days = check_retention("import files", days, "days", MIN_IMPORT_FILE_DAYS)
+def prune_imports(
+    session: Session, commit: Commit, days: object, batch_size: int = BATCH_SIZE
+) -> PruneReport:
+    """Delete imports created more than ``days`` days ago, with their stored files."""
+    days = check_retention("imports", days, "days", MIN_IMPORT_FILE_DAYS)
     cutoff = utcnow() - timedelta(days=days)
-    pruner = Pruner(session, cutoff, batch_size)
-    finished = (
-        select(ImportFile.id)
-        .join(Import, Import.id == ImportFile.import_id)
-        .where(
-            Import.status.in_((ImportStatus.DONE, ImportStatus.FAILED)), Import.finished < cutoff
-        )
-    )
-    pruner.by_query(_columns(ImportFile).id, finished)
-    return _logged("import files", pruner.report)
+    pruner = Pruner(session, commit, cutoff, batch_size)
+    imports = _columns(Import)
+    pruner.by_time(imports.created, imports.id, [_columns(ImportFile).import_id])
+    return _logged("imports", pruner.report)
 
 
 def _logged(what: str, report: PruneReport) -> PruneReport:

@@ -1,150 +1,165 @@
-"""Run summaries computed by SQL aggregates, never by loading results into Python."""
+"""Run summaries computed by SQL aggregates, never by loading results into Python.
+
+What a summary holds is upstream's ``update_run``: counts by outcome (SUMMARY_COUNTERS), every
+result in ``tests``, ``passes`` what is left, ``pass_percent`` floored and clamped, ``collected``
+kept from the client, ``not_run`` the collected tests that did not run; the run's ``duration``
+is the sum of its results'; the first result (by start time) lends the run its ``jenkins`` and
+``tags`` metadata and its start time, env, component, project and source where the run lacks
+them. Domain code: nothing here commits.
+"""
 
 from __future__ import annotations
 
 import enum
 import uuid
 from datetime import datetime
-from typing import Any
-
-from sqlalchemy import delete, func, or_, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.orm import Session
 
-from ibutsu_server.db.models import Result, Run, RunUpdateRequest, empty_summary
+from ibutsu_server.db.models import SUMMARY_COUNTERS, Result, Run
 
-# results.result -> the summary counter it adds to (besides "tests").
-COUNTERS = {
-    "passed": "passes",
-    "failed": "failures",
-    "error": "errors",
-    "skipped": "skips",
-    "xfailed": "xfailures",
-    "xpassed": "xpasses",
-    "manual": "not_run",
-    "blocked": "not_run",
-}
+METADATA_TO_COPY = ("jenkins", "tags")
+COLUMNS_TO_COPY = ("start_time", "env", "component", "project_id", "source")
 
 
-def compute_summary(session: Session, run_id: uuid.UUID) -> dict[str, int]:
-    """The summary of a run from one GROUP BY over its results."""
-    summary = empty_summary()
-    rows = session.execute(
-        select(Result.result, func.count()).where(Result.run_id == run_id).group_by(Result.result)
-    )
-    for outcome, count in rows:
-        summary["tests"] += count
-        key = COUNTERS.get(outcome)
-        if key:
-            summary[key] += count
-    summary["collected"] = summary["tests"]
+def pass_percent(passes: int, tests: int) -> int:
+    """floor(passes·100 / tests) clamped to 0..100; 0 without tests (upstream's formula)."""
+    if tests <= 0:
+        return 0
+    return max(min(passes * 100 // tests, 100), 0)
+
+
+def build_summary(counts: dict[str, int], tests: int, collected: int) -> dict[str, int]:
+    """A full summary from the per-counter ``counts`` of a run's ``tests`` results."""
+    summary = {"tests": tests, **{key: counts.get(key, 0) for key in SUMMARY_COUNTERS.values()}}
+    summary["passes"] = tests - sum(summary[key] for key in SUMMARY_COUNTERS.values())
+    summary["pass_percent"] = pass_percent(summary["passes"], tests)
+    summary["collected"] = collected
+    summary["not_run"] = max(collected - tests, 0)
     return summary
 
 
-def update_run_summary(session: Session, run_id: uuid.UUID) -> dict[str, Any] | None:
-    """Store the run's summary and fill its empty start time, duration, component, env and
-    source from its results. Returns the summary, or None when the run does not exist."""
-    run = session.get(Run, run_id, with_for_update={"key_share": True})
+def update_summary(
+    session: Session, run_id: uuid.UUID, *, collected: int | None = None
+) -> dict[str, int] | None:
+    """Recompute and store the run's summary (``collected`` replaces the stored one when
+    given). Returns the summary, or None when the run does not exist.
+
+    The run's row is locked first, so a summary is never computed from a snapshot older than a
+    transaction (an import) that still holds the run."""
+    run = session.get(Run, run_id, with_for_update={"key_share": True}, populate_existing=True)
     if run is None:
         return None
-    summary = compute_summary(session, run_id)
-    fill = session.execute(
-        select(
-            func.min(Result.start_time),
-            func.sum(Result.duration),
-            func.min(Result.component),
-            func.min(Result.env),
-            func.min(Result.source),
-        ).where(Result.run_id == run_id)
-    ).one()
-    values: dict[str, Any] = {"summary": summary}
-    for column, value in zip(
-        ("start_time", "duration", "component", "env", "source"), fill, strict=True
-    ):
-        if getattr(run, column) is None and value is not None:
-            values[column] = value
-    session.execute(update(Run).where(Run.id == run_id).values(**values))
-    return summary
+    counts: dict[str, int] = {}
+    tests, duration = 0, 0.0
+    rows = session.execute(
+        select(Result.result, func.count(), func.sum(Result.duration))
+        .where(Result.run_id == run_id)
+        .group_by(Result.result)
+    )
+    for outcome, count, seconds in rows:
+        tests += count
+        duration += seconds or 0.0
+        key = SUMMARY_COUNTERS.get(outcome)
+        if key:
+            counts[key] = counts.get(key, 0) + count
+    if collected is None:
+        collected = int((run.summary or {}).get("collected") or 0)
+    run.summary = build_summary(counts, tests, collected)
+    run.duration = duration
+    _copy_from_first_result(session, run)
+    return run.summary
+
+
+def _copy_from_first_result(session: Session, run: Run) -> None:
+    metadata = dict(run.data or {})
+    wanted_keys = [key for key in METADATA_TO_COPY if not metadata.get(key)]
+    wanted_columns = [column for column in COLUMNS_TO_COPY if not getattr(run, column)]
+    if not wanted_keys and not wanted_columns:
+        return
+    first = session.execute(
+        select(Result.data, *(getattr(Result, column) for column in wanted_columns))
+        .where(Result.run_id == run.id)
+        .order_by(Result.start_time)
+        .limit(1)
+    ).first()
+    if first is None:
+        return
+    data = first[0] or {}
+    for key in wanted_keys:
+        if data.get(key):
+            metadata[key] = data[key]
+    if metadata != (run.data or {}):
+        run.data = metadata
+    for column, value in zip(wanted_columns, first[1:], strict=True):
+        if value:
+            setattr(run, column, value)
 
 
 class UpdateOutcome(enum.Enum):
     """What a request to update a run's summary came to."""
 
     UPDATED = "updated"
-    COALESCED = "coalesced"  # another update was running; it will run one more
+    COALESCED = "coalesced"  # an update already waits to run after the current one
     MISSING = "missing"
 
 
-def _lock(session: Session, run_id: uuid.UUID) -> bool | None:
-    """Lock the run's row: True when locked, False when another transaction holds it,
-    None when the run does not exist. Only PostgreSQL can skip a held lock; SQLite
-    serialises writers anyway."""
-    query = select(Run.id).where(Run.id == run_id)
-    if session.get_bind().dialect.name != "postgresql":
-        return True if session.scalar(query) is not None else None
-    # NO KEY UPDATE: inserting a request (a foreign key to the run) must not wait for it.
-    if session.scalar(query.with_for_update(skip_locked=True, key_share=True)) is not None:
-        return True
-    return False if session.scalar(query) is not None else None
+def _lock_keys(run_id: uuid.UUID) -> tuple[int, int]:
+    """Two 64-bit advisory lock keys of a run: "an update waits" and "an update runs"."""
+    value = run_id.int
+    waiting, running = value >> 64, value & (2**64 - 1)
+    return waiting - 2**63, running - 2**63
 
 
 def coalesced_update(session: Session, run_id: uuid.UUID) -> UpdateOutcome:
-    """Update the run's summary, or, when another update holds the run, leave a request
-    that the running update turns into exactly one more update. Never drops a request."""
-    state = _lock(session, run_id)
-    if state is False:
-        session.execute(pg_insert(RunUpdateRequest).values(run_id=run_id).on_conflict_do_nothing())
-        session.commit()
-        # The holder may have finished before it could see the request: then it is ours.
-        state = _lock(session, run_id)
-        if state is False:
-            return UpdateOutcome.COALESCED
-    if state is None:
-        return UpdateOutcome.MISSING
-    session.execute(delete(RunUpdateRequest).where(RunUpdateRequest.run_id == run_id))
-    update_run_summary(session, run_id)
-    return UpdateOutcome.UPDATED
+    """Update the run's summary, at most one update running and one waiting per run.
 
-
-def update_requested(session: Session, run_id: uuid.UUID) -> bool:
-    """True when a request arrived during the update that just committed."""
-    return (
-        session.scalar(select(RunUpdateRequest.run_id).where(RunUpdateRequest.run_id == run_id))
-        is not None
-    )
+    On PostgreSQL two advisory locks of the run coordinate the updates, with no table of our
+    own: a request that finds another update already waiting is covered by it (that one reads
+    the results only after it stops waiting, so it sees everything committed before this
+    request) and returns at once; otherwise it waits for the running update and then runs.
+    No request is ever dropped. SQLite serialises writers anyway: every request runs."""
+    if session.get_bind().dialect.name != "postgresql":
+        return UpdateOutcome.UPDATED if update_summary(session, run_id) else UpdateOutcome.MISSING
+    waiting, running = _lock_keys(run_id)
+    if not session.scalar(select(func.pg_try_advisory_lock(waiting))):
+        return UpdateOutcome.COALESCED
+    # Session-level, released as soon as this update runs; should an error come in between,
+    # the engine releases it when the connection goes back to the pool.
+    session.execute(select(func.pg_advisory_xact_lock(running)))
+    session.execute(select(func.pg_advisory_unlock(waiting)))
+    return UpdateOutcome.UPDATED if update_summary(session, run_id) else UpdateOutcome.MISSING
 
 
 def stale_runs(session: Session, since: datetime) -> list[uuid.UUID]:
-    """Runs created since ``since`` whose stored summary disagrees with their results, in
-    one query (a grouped count per outcome joined to the runs)."""
-    recent = select(Run.id).where(Run.created >= since)
+    """Runs started since ``since`` whose stored summary disagrees with their results, in
+    one query (a grouped count per counter joined to the runs)."""
+    recent = select(Run.id).where(Run.start_time >= since)
+    counters = {key: _outcomes(key) for key in dict.fromkeys(SUMMARY_COUNTERS.values())}
     counts = (
         select(
             Result.run_id.label("run_id"),
             func.count().label("tests"),
             *(
                 func.count().filter(Result.result.in_(outcomes)).label(key)
-                for key, outcomes in _OUTCOMES_BY_COUNTER.items()
+                for key, outcomes in counters.items()
             ),
         )
         .where(Result.run_id.in_(recent))
         .group_by(Result.run_id)
         .subquery()
     )
-    disagree = or_(
-        *(
-            func.coalesce(Run.summary[key].as_integer(), -1) != func.coalesce(counts.c[key], 0)
-            for key in ("tests", *_OUTCOMES_BY_COUNTER)
-        )
-    )
+    disagree: list[ColumnElement[bool]] = [
+        func.coalesce(Run.summary[key].as_integer(), -1) != func.coalesce(counts.c[key], 0)
+        for key in ("tests", *counters)
+    ]
     query = (
         select(Run.id)
         .outerjoin(counts, counts.c.run_id == Run.id)
-        .where(Run.created >= since, disagree)
+        .where(and_(Run.start_time >= since, or_(*disagree)))
     )
     return list(session.scalars(query))
 
 
-_OUTCOMES_BY_COUNTER: dict[str, tuple[str, ...]] = {}
-for _outcome, _counter in COUNTERS.items():
-    _OUTCOMES_BY_COUNTER[_counter] = (*_OUTCOMES_BY_COUNTER.get(_counter, ()), _outcome)
+def _outcomes(counter: str) -> list[str]:
+    return [outcome for outcome, key in SUMMARY_COUNTERS.items() if key == counter]

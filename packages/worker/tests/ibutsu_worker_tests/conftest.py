@@ -4,14 +4,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from celery import Celery
 from sqlalchemy.orm import Session
 
+from ibutsu_server.db.engine import database
+from ibutsu_server.db.migrate import upgrade
 from ibutsu_testing.fixtures import service_environ
 from ibutsu_testing.services import running_worker, settings_for
-from ibutsu_worker.cli import Operator
+from ibutsu_worker.factory import create_worker_app
+from ibutsu_worker.submission import Submitter
 from ibutsu_worker_tests.dbsession import migrated_session
 
-__all__ = ["operator", "service_environ", "session"]
+__all__ = ["app_session", "service_environ", "session", "submitter", "worker_app"]
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
@@ -22,10 +26,27 @@ def session(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Session]
 
 
 @pytest.fixture
-def operator(service_environ: dict[str, str], tmp_path: Path) -> Iterator[Operator]:
-    """The command line's Operator on a fresh database, with a real worker running."""
-    operator = Operator(settings_for(service_environ))
-    operator.upgrade()
+def submitter(service_environ: dict[str, str], tmp_path: Path) -> Iterator[Submitter]:
+    """Imports submitted as the API submits them, on a fresh database, with a real worker."""
+    submitter = Submitter(settings_for(service_environ))
+    upgrade(submitter.db.engine)
     with running_worker("ibutsu_server:worker_app", service_environ, tmp_path / "worker.log"):
-        yield operator
-    operator.db.engine.dispose()
+        yield submitter
+    submitter.close()
+
+
+@pytest.fixture
+def worker_app(service_environ: dict[str, str]) -> Iterator[Celery]:
+    """The worker's Celery app on a fresh PostgreSQL database and Redis namespace: tasks are
+    called in the test's process with ``apply()``; what they send goes to the real Redis."""
+    app = create_worker_app(settings_for(service_environ))
+    upgrade(database(app.flask_app).engine)
+    yield app
+    database(app.flask_app).engine.dispose()
+
+
+@pytest.fixture
+def app_session(worker_app: Celery) -> Iterator[Session]:
+    """A session of its own on ``worker_app``'s database, to arrange and inspect rows."""
+    with Session(database(worker_app.flask_app).engine, expire_on_commit=False) as session:
+        yield session

@@ -16,6 +16,9 @@ SAMPLE_SUMMARY = {
     "skips": 1,
     "xfailures": 1,
     "xpasses": 0,
+    "pass_percent": 50,
+    "collected": 8,
+    "not_run": 0,
 }
 # Not JUnit reports: refused with a clear error (README of the corpus).
 REFUSED = {"testXxe-xxe.xml", "testXxe-oob.xml", "junitResult.xml"}

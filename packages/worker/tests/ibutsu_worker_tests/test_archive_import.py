@@ -10,7 +10,7 @@ import json
 import tarfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,12 @@ from sqlalchemy.orm import Session
 
 from ibutsu_server.db.models import Artifact, Import, Project, Result, Run
 from ibutsu_server.settings import ImportLimits
-from ibutsu_worker.cli import Operator
-from ibutsu_worker.importing import archive as archive_module
-from ibutsu_worker.importing.archive import MAX_EXTENDED_HEADER, import_archive
-from ibutsu_worker.importing.context import ImportContext, Landed
+from ibutsu_worker.importing import landing as landing_module
+from ibutsu_worker.importing.archive import archive_records
 from ibutsu_worker.importing.errors import ReportError
+from ibutsu_worker.importing.landing import Landed, Upload
+from ibutsu_worker.importing.tar_reader import MAX_EXTENDED_HEADER
+from ibutsu_worker.submission import Submitter
 from ibutsu_worker_tests.dbsession import migrated_session
 
 LIMITS = ImportLimits(
@@ -159,15 +160,19 @@ def land(
     limits: ImportLimits = LIMITS,
     project_id: uuid.UUID | None = None,
     chunk: int = 997,
-    **info: Any,
+    **metadata: Any,
 ) -> Landed:
-    """Import ``archive`` as the task does: fed in chunks, committed, or rolled back on error."""
-    context = ImportContext(
-        session=session, import_id=uuid.uuid4(), project_id=project_id, info=info, limits=limits
+    """Import ``archive`` as the import job does: fed in chunks, committed, or rolled back."""
+    upload = Upload(
+        import_id=uuid.uuid4(),
+        project_id=project_id,
+        source=None,
+        metadata=metadata,
+        created=datetime(2026, 6, 1),
     )
     pieces = (archive[start : start + chunk] for start in range(0, len(archive), chunk))
     try:
-        landed = import_archive(context, pieces)
+        landed = landing_module.land(session, upload, archive_records(pieces, limits))
     except ReportError:
         session.rollback()
         raise
@@ -178,7 +183,7 @@ def land(
 
 def counts(session: Session) -> dict[str, int]:
     return {
-        model.__tablename__: int(session.scalar(select(func.count()).select_from(model)) or 0)
+        model.__table__.name: int(session.scalar(select(func.count()).select_from(model)) or 0)
         for model in (Run, Result, Artifact)
     }
 
@@ -190,11 +195,11 @@ def artifacts(session: Session) -> dict[str, tuple[uuid.UUID | None, uuid.UUID |
     return {name: (run_id, result_id, content) for name, run_id, result_id, content in rows}
 
 
-def utc(value: datetime | None) -> datetime | None:
-    """SQLite gives back naive datetimes; the importer stores UTC."""
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=UTC)
+def project(session: Session, name: str) -> Project:
+    found = Project(id=uuid.uuid4(), name=name, title=name)
+    session.add(found)
+    session.commit()
+    return found
 
 
 # --- landing --------------------------------------------------------------------------------------
@@ -202,18 +207,26 @@ def utc(value: datetime | None) -> datetime | None:
 
 def test_archive_lands_with_its_ids_and_artifacts(session: Session) -> None:
     archive = sample()
-    landed = land(session, archive.archive(), env="staging", component="ignored")
+    landed = land(session, archive.archive(), env="staging", tags=["nightly"])
     run_id = uuid.UUID(archive.run_id)
-    assert landed == Landed(run_id=run_id, results=4)
+    assert (landed.run_id, landed.results) == (run_id, 4)
+    assert landed.summary == {
+        "tests": 4, "failures": 1, "errors": 1, "skips": 1, "xfailures": 0, "xpasses": 0,
+        "passes": 1, "pass_percent": 25, "collected": 0, "not_run": 0,
+    }  # fmt: skip
 
     run = session.get(Run, run_id)
     assert run is not None
+    # The uploader's metadata wins over the archive's, as upstream merges them.
     assert (run.component, run.env, run.source) == ("billing", "staging", "jenkins")
-    assert utc(run.start_time) == datetime(2026, 1, 2, 3, 0, tzinfo=UTC)
-    assert run.duration == 2.5
-    assert run.data is not None
-    assert run.data["jenkins"] == {"job_name": "nightly", "build_number": "7"}
-    assert "import_id" in run.data
+    assert run.start_time == datetime(2026, 1, 2, 3, 0)
+    assert run.duration == 2.5  # the sum of its results' durations
+    assert run.data == {
+        "project": None,
+        "jenkins": {"job_name": "nightly", "build_number": "7"},
+        "env": "staging",
+        "tags": ["nightly"],
+    }
 
     results = {r.id: r for r in session.scalars(select(Result).where(Result.run_id == run_id))}
     assert set(results) == {uuid.UUID(r["id"]) for r in archive.results}
@@ -221,40 +234,44 @@ def test_archive_lands_with_its_ids_and_artifacts(session: Session) -> None:
         result = results[uuid.UUID(expected["id"])]
         assert (result.test_id, result.result) == (expected["test_id"], expected["result"])
         assert result.params == {"n": n}
-        assert result.data == expected["metadata"]
+        assert result.data == {**expected["metadata"], "env": "staging", "tags": ["nightly"]}
         assert result.duration == expected["duration"]
-        assert (result.source, result.component, result.env) == ("local", "ignored", "staging")
-        assert utc(result.start_time) == datetime(2026, 1, 2, 3, n, tzinfo=UTC)
+        assert (result.source, result.component, result.env) == ("local", "billing", "staging")
+        assert result.start_time == datetime(2026, 1, 2, 3, n)
 
     failed = uuid.UUID(archive.results[1]["id"])
     assert artifacts(session) == {
         "session.log": (run_id, None, b"collected 4 items\n"),
         "traceback.log": (None, failed, b"AssertionError: 1 == 2\n"),
     }
+    data = dict(session.execute(select(Artifact.filename, Artifact.data)).all())
+    assert data == {
+        "session.log": {"contentType": "text/plain", "runId": str(run_id)},
+        "traceback.log": {"contentType": "text/plain", "resultId": str(failed)},
+    }
 
 
-def test_project_from_the_archive_when_this_server_has_it(session: Session) -> None:
-    uploader, named = Project(name="uploader"), Project(name="acme")
-    session.add_all([uploader, named])
-    session.commit()
-
+def test_the_project_is_the_imports(session: Session) -> None:
+    uploader, other = project(session, "uploader"), project(session, "acme")
+    for named in (None, "uploader", str(uploader.id)):
+        archive = sample()
+        archive.run["metadata"]["project"] = named
+        land(session, archive.archive(), project_id=uploader.id)
+        run_project = select(Run.project_id).where(Run.id == uuid.UUID(archive.run_id))
+        assert session.scalar(run_project) == uploader.id
+        results = select(Result.project_id).where(Result.run_id == uuid.UUID(archive.run_id))
+        assert set(session.scalars(results)) == {uploader.id}
+    before = counts(session)
+    for named in ("acme", str(other.id), "not-on-this-server"):
+        archive = sample()
+        archive.run["metadata"]["project"] = named
+        with pytest.raises(ReportError, match="names project .* but the import was submitted for"):
+            land(session, archive.archive(), project_id=uploader.id)
     archive = sample()
-    land(session, archive.archive(), project_id=uploader.id)
-    assert session.scalar(select(Run.project_id)) == uploader.id  # the archive names none
-
-    archive = sample()
-    archive.run["metadata"]["project"] = "acme"
-    land(session, archive.archive(), project_id=uploader.id)
-    run_project = select(Run.project_id).where(Run.id == uuid.UUID(archive.run_id))
-    assert session.scalar(run_project) == named.id
-    results = select(Result.project_id).where(Result.run_id == uuid.UUID(archive.run_id))
-    assert set(session.scalars(results)) == {named.id}
-
-    archive = sample()
-    archive.run["metadata"]["project"] = "not-on-this-server"
-    land(session, archive.archive(), project_id=uploader.id)
-    run_project = select(Run.project_id).where(Run.id == uuid.UUID(archive.run_id))
-    assert session.scalar(run_project) == uploader.id
+    archive.run["project_id"] = str(other.id)
+    with pytest.raises(ReportError, match="submitted for no project"):
+        land(session, archive.archive())
+    assert counts(session) == before
 
 
 def test_an_upload_cannot_take_over_another_runs_rows(session: Session) -> None:
@@ -271,9 +288,7 @@ def test_an_upload_cannot_take_over_another_runs_rows(session: Session) -> None:
     after = {r.id: (r.run_id, r.test_id, r.result) for r in session.scalars(select(Result))}
     assert after == before
 
-    other = Project(name="other")
-    session.add(other)
-    session.commit()
+    other = project(session, "other")
     renamed = sample()
     # The victim's run id, uploaded into another project.
     renamed.run["id"] = victim.run_id
@@ -314,8 +329,8 @@ def test_members_in_any_order_land_the_same(
     session: Session, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Spools go to disk after 100 bytes, and artifacts are written one per statement.
-    monkeypatch.setattr(archive_module, "SPOOL_MEMORY", 100)
-    monkeypatch.setattr(archive_module, "ARTIFACT_BATCH_ROWS", 1)
+    monkeypatch.setattr(landing_module, "SPOOL_MEMORY", 100)
+    monkeypatch.setattr(landing_module, "ARTIFACT_BATCH_ROWS", 1)
     archive = sample()
     # Artifacts first, then results, run.json last: the reverse of pytest-ibutsu's order.
     reversed_members = list(reversed(archive.members()))
@@ -384,7 +399,7 @@ HOSTILE: list[tuple[str, Build, dict[str, int], str]] = [
         "dot-dot",
         lambda a: a.archive([file(f"{a.run_id}/../escape.txt", b"x")]),
         {},
-        "'..' would leave the run folder",
+        "'..' would leave the archive",
     ),
     ("absolute", lambda a: a.archive([file("/etc/cron.d/evil", b"x")]), {}, "absolute paths"),
     (
@@ -518,7 +533,7 @@ def test_refused_whole_with_a_reason(
     reason: str,
 ) -> None:
     # Every result is written as soon as it is read, so a refusal must undo real rows.
-    monkeypatch.setattr(archive_module, "RESULT_BATCH_BYTES", 1)
+    monkeypatch.setattr(landing_module, "BATCH_BYTES", 1)
     with pytest.raises(ReportError) as caught:
         land(session, build(sample()), dataclasses.replace(LIMITS, **limits))
     assert reason in str(caught.value)
@@ -528,37 +543,31 @@ def test_refused_whole_with_a_reason(
 # --- through a real worker ------------------------------------------------------------------------
 
 
-def test_archive_import_through_a_worker(operator: Operator, tmp_path: Path) -> None:
+def test_archive_import_through_a_worker(submitter: Submitter, tmp_path: Path) -> None:
     archive = sample()
     path = tmp_path / f"{archive.run_id}.tar.gz"
     path.write_bytes(archive.archive())
     hostile = tmp_path / "hostile.tar.gz"
     hostile.write_bytes(archive.archive([special(f"{archive.run_id}/l", tarfile.SYMTYPE, "/")]))
 
-    first = operator.submit(path, project="acme")
-    again = operator.submit(path, project="acme")
-    refused = operator.submit(hostile, project="acme")
-    outcomes = operator.wait([first, again, refused], timeout=60, progress=None)
+    acme = submitter.ensure_project("acme")
+    first = submitter.submit(path, project_id=acme)
+    again = submitter.submit(path, project_id=acme)
+    refused = submitter.submit(hostile, project_id=acme)
+    outcomes = submitter.wait([first, again, refused], timeout=60)
 
     assert [o.status for o in outcomes[:2]] == ["done", "done"]
     for outcome in outcomes[:2]:
         assert outcome.run_id == archive.run_id and outcome.message is None
-        assert outcome.summary == {
-            "tests": 4,
-            "passes": 1,
-            "failures": 1,
-            "errors": 1,
-            "skips": 1,
-            "xfailures": 0,
-            "xpasses": 0,
-        }
-    assert outcomes[2].status == "failed"
+        assert outcome.summary is not None and outcome.summary["tests"] == 4
+    assert outcomes[2].status == "error"
     assert outcomes[2].message is not None and "symbolic link" in outcomes[2].message
-    session = operator.db.session()
+    session = submitter.db.session()
     record = session.get(Import, uuid.UUID(first))
-    assert record is not None and record.format == "archive" and record.result_count == 4
+    assert record is not None and record.format == "archive"
+    assert record.data is not None and record.data["result_count"] == 4
+    assert record.data["run_id"] == [archive.run_id]
     assert counts(session) == {"runs": 1, "results": 4, "artifacts": 2}
     run = session.get(Run, uuid.UUID(archive.run_id))
-    assert run is not None and run.project_id is not None
-    assert session.scalar(select(Project.name).where(Project.id == run.project_id)) == "acme"
-    operator.db.session.remove()
+    assert run is not None and run.project_id == acme
+    submitter.db.session.remove()

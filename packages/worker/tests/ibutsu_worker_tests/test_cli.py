@@ -49,7 +49,7 @@ def test_demo_imports_the_whole_corpus(tmp_path: Path) -> None:
     for path, report in zip(files, reports, strict=True):
         assert report["file"] == path.name
         if path.name in REFUSED:
-            assert report["status"] == "failed" and report["message"]
+            assert report["status"] == "error" and report["message"]
         else:
             assert report["status"] == "done", report
             assert report["summary"]["tests"] == expected_count(path)
@@ -75,7 +75,7 @@ def test_missing_schema_and_unknown_import_are_one_line_errors(tmp_path: Path) -
     assert "run `ibutsu-tasks db upgrade`" in done.stderr
     upgraded = _cli("db", "upgrade", IBUTSU_EMBEDDED_DIR=str(tmp_path))
     assert upgraded.returncode == 0, upgraded.stderr
-    assert "schema is up to date" in upgraded.stdout
+    assert "managed by ibutsu-tasks (revision 0001)" in upgraded.stdout
     done = _cli("status", unknown, IBUTSU_EMBEDDED_DIR=str(tmp_path))
     assert done.returncode == 1
     assert f"ibutsu-tasks: no import {unknown}" in done.stderr
@@ -98,8 +98,8 @@ def test_unreachable_broker_fails_the_import_instead_of_leaving_it_pending(
     assert settings.database is not None
     engine = make_engine(settings.database)
     with engine.connect() as connection:
-        rows = connection.execute(select(Import.status, Import.message)).all()
+        rows = connection.execute(select(Import.status, Import.data)).all()
     engine.dispose()
-    assert [tuple(row) for row in rows] == [
-        ("failed", "could not be queued: the broker is unreachable")
+    assert [(status, data["error"]) for status, data in rows] == [
+        ("error", "could not be queued: the broker is unreachable")
     ]

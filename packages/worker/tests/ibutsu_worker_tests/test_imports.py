@@ -1,100 +1,93 @@
-"""import_results through a real worker, real Redis and the real PostgreSQL."""
+"""Imports through a real worker, real Redis and the real PostgreSQL."""
 
 from __future__ import annotations
 
 import os
 import signal
-import time
 import uuid
+from importlib import resources
 from pathlib import Path
 
-import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
-from ibutsu_server.db.models import Import, ImportFile, Result, Run
+from ibutsu_server import task_names
+from ibutsu_server.db.migrate import upgrade
+from ibutsu_server.db.models import Artifact, Import, ImportFile, Result, Run
 from ibutsu_testing.services import running_worker, settings_for, wait_for
-from ibutsu_worker.cli import IMPORT_TASK, Operator
+from ibutsu_worker.submission import Submitter
 from ibutsu_worker_tests.corpus import REFUSED, SAMPLE_SUMMARY, corpus_files, expected_count
 
-SAMPLE = Path(__file__).parent.parent.parent / "src/ibutsu_worker/samples/sample-junit.xml"
 
-
-def _sample(tmp_path: Path) -> Path:
-    from importlib import resources
-
+def sample(tmp_path: Path) -> Path:
     target = tmp_path / "sample-junit.xml"
     target.write_bytes((resources.files("ibutsu_worker.samples") / "sample-junit.xml").read_bytes())
     return target
 
 
-def test_sample_import_lands_whole(operator: Operator, tmp_path: Path) -> None:
-    import_id = operator.submit(_sample(tmp_path), project="acme")
-    (outcome,) = operator.wait([import_id], timeout=60, progress=None)
+def count(submitter: Submitter, model: type[Run] | type[Result] | type[Artifact]) -> int:
+    with submitter.db.engine.connect() as connection:
+        return int(connection.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def test_sample_import_lands_whole(submitter: Submitter, tmp_path: Path) -> None:
+    project = submitter.ensure_project("acme")
+    import_id = submitter.submit(sample(tmp_path), project_id=project, source="ci")
+    (outcome,) = submitter.wait([import_id], timeout=60)
     assert outcome.status == "done" and outcome.message is None
     assert outcome.summary == SAMPLE_SUMMARY
-    session = operator.db.session()
+    session = submitter.db.session()
     record = session.get(Import, uuid.UUID(import_id))
-    assert record is not None and record.result_count == 8 and record.format == "junit"
+    assert record is not None and record.format == "junit" and record.data is not None
+    assert record.data["result_count"] == 8 and record.data["run_id"] == [outcome.run_id]
     stored = session.scalar(select(ImportFile.content).where(ImportFile.import_id == record.id))
     assert stored is None  # cleared after success
-    run = session.get(Run, record.run_id)
-    assert run is not None and run.start_time is not None and run.duration == pytest.approx(1.84)
-    operator.db.session.remove()
+    run = session.get(Run, uuid.UUID(str(outcome.run_id)))
+    assert run is not None and run.project_id == project and run.source == "ci"
+    assert run.duration is not None and abs(run.duration - 1.84) < 1e-9
+    submitter.db.session.remove()
+    assert count(submitter, Artifact) == 3  # two tracebacks and one system-out
 
 
-def test_redelivered_import_lands_once(operator: Operator, tmp_path: Path) -> None:
-    import_id = operator.submit(_sample(tmp_path), project=None)
-    # Two more deliveries of the same task, as after a crash or a retry.
-    operator.celery.send_task(IMPORT_TASK, args=[import_id])
-    operator.celery.send_task(IMPORT_TASK, args=[import_id])
-    operator.wait([import_id], timeout=60, progress=None)
-    marker = operator.submit(_sample(tmp_path), project=None)
-    operator.wait([marker], timeout=60, progress=None)  # queued after the duplicates
-    session = operator.db.session()
-    assert session.scalar(select(func.count()).select_from(Run)) == 2
-    assert session.scalar(select(func.count()).select_from(Result)) == 16
-    operator.db.session.remove()
+def test_redelivered_import_lands_once(submitter: Submitter, tmp_path: Path) -> None:
+    import_id = submitter.submit(sample(tmp_path))
+    # Two more deliveries of the same import, as after a crash or a retry, by both names.
+    submitter.celery.send_task(task_names.IMPORT_RESULTS, args=[import_id])
+    submitter.celery.send_task(task_names.RUN_JUNIT_IMPORT, args=[{"id": import_id}])
+    submitter.wait([import_id], timeout=60)
+    marker = submitter.submit(sample(tmp_path))
+    submitter.wait([marker], timeout=60)  # queued after the duplicates
+    assert count(submitter, Run) == 2
+    assert count(submitter, Result) == 16
 
 
-def test_whole_corpus(operator: Operator) -> None:
+def test_whole_corpus(submitter: Submitter) -> None:
     files = corpus_files()
-    import_ids = [operator.submit(path, project="corpus") for path in files]
-    outcomes = operator.wait(import_ids, timeout=300, progress=None)
-    session = operator.db.session()
+    import_ids = [submitter.submit(path) for path in files]
+    outcomes = submitter.wait(import_ids, timeout=300)
     for path, outcome in zip(files, outcomes, strict=True):
         if path.name in REFUSED:
-            assert outcome.status == "failed", path.name
-            assert outcome.message
-            assert (
-                session.scalar(
-                    select(func.count())
-                    .select_from(Run)
-                    .where(Run.data["import_id"].as_string() == outcome.import_id)
-                )
-                == 0
-            )
+            assert outcome.status == "error" and outcome.message, path.name
+            assert outcome.run_id is None
             continue
         assert outcome.status == "done", (path.name, outcome.message)
         assert outcome.summary is not None
         assert outcome.summary["tests"] == expected_count(path), path.name
-    operator.db.session.remove()
+    assert count(submitter, Run) == len(files) - len(REFUSED)
 
 
-def test_bad_input_is_recorded_and_the_worker_goes_on(operator: Operator, tmp_path: Path) -> None:
+def test_bad_input_is_recorded_and_the_worker_goes_on(submitter: Submitter, tmp_path: Path) -> None:
     garbage = tmp_path / "report.xml"
     garbage.write_bytes(b"PK\x03\x04 this is a zip file, not a report")
     truncated = tmp_path / "truncated.xml"
     truncated.write_bytes(b'<testsuite name="s"><testcase name="a"/><testcase name="b">')
-    bad_ids = [operator.submit(garbage, None), operator.submit(truncated, None)]
-    good = operator.submit(_sample(tmp_path), None)
-    outcomes = operator.wait([*bad_ids, good], timeout=60, progress=None)
-    assert [o.status for o in outcomes] == ["failed", "failed", "done"]
+    bad_ids = [submitter.submit(garbage), submitter.submit(truncated)]
+    good = submitter.submit(sample(tmp_path))
+    outcomes = submitter.wait([*bad_ids, good], timeout=60)
+    assert [o.status for o in outcomes] == ["error", "error", "done"]
     assert outcomes[0].message == "not a JUnit report or Ibutsu archive"
     assert outcomes[1].message is not None and "malformed XML" in outcomes[1].message
-    session = operator.db.session()
-    # The truncated report's first result was written before the error: it must be gone.
-    assert session.scalar(select(func.count()).select_from(Result)) == 8
-    operator.db.session.remove()
+    # The truncated report's run and first result were written before the error: gone.
+    assert (count(submitter, Run), count(submitter, Result)) == (1, 8)
 
 
 def _big_report(path: Path, cases: int) -> Path:
@@ -111,23 +104,25 @@ def test_worker_killed_mid_import_completes_exactly_once(
 ) -> None:
     # Redis hands an unacknowledged task to another worker after this many seconds.
     env = {**service_environ, "CELERY_VISIBILITY_TIMEOUT": "3"}
-    operator = Operator(settings_for(env))
-    operator.upgrade()
-    cases = 300_000
+    submitter = Submitter(settings_for(env))
+    upgrade(submitter.db.engine)
+    cases = 100_000
     report = _big_report(tmp_path / "big.xml", cases)
+
+    def copying() -> bool:
+        with submitter.db.engine.connect() as connection:
+            query = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY results%'"
+            return bool(connection.scalar(text(query)))
+
     with running_worker("ibutsu_server:worker_app", env, tmp_path / "first.log") as first:
-        import_id = operator.submit(report, project="kill")
-        wait_for(lambda: operator.outcome(import_id).status == "running", timeout=60)
-        time.sleep(0.5)
+        import_id = submitter.submit(report)
+        wait_for(copying, timeout=60, interval=0.02)  # the results are streaming in
         os.killpg(first.pid, signal.SIGKILL)  # the pod dies: main process and pool child
         first.wait()
-    assert operator.outcome(import_id).status == "running", "import finished before the kill"
+    assert submitter.outcome(import_id).status == "running"
     with running_worker("ibutsu_server:worker_app", env, tmp_path / "second.log"):
-        (outcome,) = operator.wait([import_id], timeout=180, progress=None)
+        (outcome,) = submitter.wait([import_id], timeout=180)
     assert outcome.status == "done", outcome.message
     assert outcome.summary is not None and outcome.summary["tests"] == cases
-    session = operator.db.session()
-    assert session.scalar(select(func.count()).select_from(Run)) == 1
-    assert session.scalar(select(func.count()).select_from(Result)) == cases
-    operator.db.session.remove()
-    operator.db.engine.dispose()
+    assert (count(submitter, Run), count(submitter, Result)) == (1, cases)
+    submitter.close()

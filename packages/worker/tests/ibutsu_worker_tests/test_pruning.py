@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import func, select
@@ -14,7 +14,7 @@ from ibutsu_worker.pruning import (
     RetentionRefused,
     months_ago,
     prune_artifacts,
-    prune_import_files,
+    prune_imports,
     prune_results,
     prune_runs,
 )
@@ -24,15 +24,18 @@ RECENT = utcnow() - timedelta(days=1)
 
 
 def _run(session: Session, when: datetime, results: int, artifact_date: datetime) -> uuid.UUID:
-    run = Run(start_time=when)
+    run = Run(id=uuid.uuid4(), start_time=when, created=when)
     session.add(run)
     session.flush()
     for n in range(results):
-        result = Result(run_id=run.id, test_id=f"t{n}", result="passed", start_time=when)
+        result = Result(
+            id=uuid.uuid4(), run_id=run.id, test_id=f"t{n}", result="passed", start_time=when
+        )
         session.add(result)
         session.flush()
         session.add(
             Artifact(
+                id=uuid.uuid4(),
                 result_id=result.id,
                 run_id=run.id,
                 filename="log.txt",
@@ -51,7 +54,7 @@ def _count(session: Session, model: type) -> int:
 def test_old_results_go_even_when_a_newer_artifact_points_at_them(session: Session) -> None:
     _run(session, OLD, results=7, artifact_date=utcnow())  # newer artifacts on old results
     _run(session, RECENT, results=2, artifact_date=RECENT)
-    report = prune_results(session, 5, batch_size=3)
+    report = prune_results(session, session.commit, 5, batch_size=3)
     assert report.deleted == {"artifacts": 7, "results": 7}
     # Seven rows with the same start time, three at a time: ties cross batch boundaries.
     assert report.batches == 3
@@ -61,61 +64,61 @@ def test_old_results_go_even_when_a_newer_artifact_points_at_them(session: Sessi
 
 def test_old_runs_go_with_their_results_and_artifacts(session: Session) -> None:
     old = _run(session, OLD, results=5, artifact_date=OLD)
-    session.add(Artifact(run_id=old, filename="run.log", content=b"y", upload_date=utcnow()))
+    session.add(
+        Artifact(
+            id=uuid.uuid4(), run_id=old, filename="run.log", content=b"y", upload_date=utcnow()
+        )
+    )
     session.commit()
     recent = _run(session, RECENT, results=3, artifact_date=RECENT)
-    report = prune_runs(session, 12, batch_size=2)
+    report = prune_runs(session, session.commit, 12, batch_size=2)
     assert report.deleted == {"artifacts": 6, "results": 5, "runs": 1}
     assert session.scalars(select(Run.id)).all() == [recent]
     assert (_count(session, Result), _count(session, Artifact)) == (3, 3)
     assert report.longest_batch_seconds > 0
 
 
-def test_a_run_without_a_start_time_ages_from_when_it_was_stored(session: Session) -> None:
-    stored_long_ago = Run(created=OLD)  # a report with no timestamps at all
-    recent = Run(created=RECENT)
-    session.add_all([stored_long_ago, recent])
-    session.commit()
-    report = prune_runs(session, 12)
-    assert report.deleted == {"runs": 1}
-    assert session.scalars(select(Run.id)).all() == [recent.id]
-
-
 def test_old_artifact_files_go_alone(session: Session) -> None:
     _run(session, RECENT, results=4, artifact_date=OLD)
     _run(session, RECENT, results=1, artifact_date=RECENT)
-    report = prune_artifacts(session, 3)
+    report = prune_artifacts(session, session.commit, 3)
     assert report.deleted == {"artifacts": 4}
     assert (_count(session, Result), _count(session, Artifact)) == (5, 1)
 
 
-def test_processed_import_files_go_pending_ones_stay(session: Session) -> None:
-    for status, finished in (("done", OLD), ("failed", OLD), ("pending", None), ("done", RECENT)):
-        record = Import(filename="r.xml", status=status, finished=finished)
+def test_old_imports_go_with_their_files(session: Session) -> None:
+    for status, created in (("done", OLD), ("error", OLD), ("pending", OLD), ("done", RECENT)):
+        record = Import(id=uuid.uuid4(), filename="r.xml", status=status, created=created)
         session.add(record)
         session.flush()
-        session.add(ImportFile(import_id=record.id, content=b"<testsuite/>"))
+        session.add(ImportFile(id=uuid.uuid4(), import_id=record.id, content=b"<testsuite/>"))
     session.commit()
-    report = prune_import_files(session, 7)
-    assert report.deleted == {"import_files": 2}
-    assert _count(session, ImportFile) == 2
-    assert _count(session, Import) == 4  # the import history stays
+    report = prune_imports(session, session.commit, 7)
+    # By when they were created, as upstream prunes them; the files go first.
+    assert report.deleted == {"import_files": 3, "imports": 3}
+    assert (_count(session, ImportFile), _count(session, Import)) == (1, 1)
 
 
 def test_nothing_to_prune_reports_zero(session: Session) -> None:
     _run(session, RECENT, results=1, artifact_date=RECENT)
-    assert prune_runs(session, 12).deleted == {}
+    assert prune_runs(session, session.commit, 12).deleted == {}
 
 
-@pytest.mark.parametrize("months", [0, -1, "3", 2.5, True, None])
+@pytest.mark.parametrize("months", [0, -1, "0", "three", 2.5, True, None])
 def test_dangerous_retention_is_refused(session: Session, months: object) -> None:
     _run(session, OLD, results=1, artifact_date=OLD)
-    for prune in (prune_results, prune_runs, prune_artifacts):
+    for prune in (prune_results, prune_runs, prune_artifacts, prune_imports):
         with pytest.raises(RetentionRefused, match="refusing to prune"):
-            prune(session, months)
+            prune(session, session.commit, months)
     assert _count(session, Result) == 1
 
 
+def test_a_retention_given_as_text_counts(session: Session) -> None:
+    # The admin page may send the form's text; upstream accepts it too.
+    _run(session, OLD, results=1, artifact_date=OLD)
+    assert prune_results(session, session.commit, "5").deleted == {"artifacts": 1, "results": 1}
+
+
 def test_months_ago_clamps_to_month_end() -> None:
-    assert months_ago(datetime(2026, 3, 31, tzinfo=UTC), 1) == datetime(2026, 2, 28, tzinfo=UTC)
-    assert months_ago(datetime(2026, 1, 15, tzinfo=UTC), 13) == datetime(2024, 12, 15, tzinfo=UTC)
+    assert months_ago(datetime(2026, 3, 31), 1) == datetime(2026, 2, 28)
+    assert months_ago(datetime(2026, 1, 15), 13) == datetime(2024, 12, 15)

@@ -1,36 +1,57 @@
-"""Structured, project-scoped, bounded queries on PostgreSQL and SQLite."""
+"""Paged, bounded queries: upstream's filter strings (query_task) and our structured,
+project-scoped filters (query); on PostgreSQL and SQLite."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+import uuid
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ibutsu_server.db.models import Project, Result, Run, utcnow
-from ibutsu_worker.querying import MAX_PAGE_SIZE, MAX_PAYLOAD_BYTES, QueryError, run_query
+from ibutsu_worker.querying import MAX_PAGE_SIZE, MAX_PAYLOAD_BYTES, QueryError, run_query, task_query
+from ibutsu_worker_tests.builders import add_project
+
+RESULT_KEYS = {
+    "id", "project_id", "run_id", "test_id", "result", "metadata", "params", "duration",
+    "start_time", "source", "env", "component",
+}  # fmt: skip
+RUN_KEYS = {
+    "id", "project_id", "metadata", "env", "component", "source", "start_time", "duration",
+    "summary", "created",
+}  # fmt: skip
 
 
 @pytest.fixture
 def session(session: Session) -> Session:
     """The shared migrated session, with two projects' runs and results in it."""
-    acme, other = Project(name="acme"), Project(name="other")
-    session.add_all([acme, other])
-    session.flush()
-    for project, count in ((acme, 30), (other, 10)):
-        run = Run(project_id=project.id, component="ui")
+    for name, count in (("acme", 30), ("other", 10)):
+        project = add_project(session, name)
+        start = utcnow()
+        run = Run(
+            id=uuid.uuid4(),
+            project_id=project,
+            component="ui",
+            start_time=start,
+            created=start,
+            summary={"tests": count, "pass_percent": 66},
+            data={"tags": ["nightly"], "jenkins": {"build_number": "12"}},
+        )
         session.add(run)
         session.flush()
         session.add_all(
             Result(
+                id=uuid.uuid4(),
                 run_id=run.id,
-                project_id=project.id,
+                project_id=project,
                 test_id=f"test_{n}",
                 result="failed" if n % 3 == 0 else "passed",
                 duration=float(n),
-                start_time=utcnow() - timedelta(minutes=n),
-                data={"jira": f"BUG-{n % 2}"},
+                start_time=start - timedelta(minutes=n),
+                data={"jira": f"BUG-{n % 2}", "tags": ["slow"] if n == 1 else []},
             )
             for n in range(count)
         )
@@ -38,10 +59,97 @@ def session(session: Session) -> Session:
     return session
 
 
+def project_id(session: Session, name: str) -> str:
+    return str(session.scalar(select(Project.id).where(Project.name == name)))
+
+
+# --- query_task: upstream's filter strings ----------------------------------------------------
+
+
+def test_task_page_has_the_shape_the_api_returns(session: Session) -> None:
+    acme = project_id(session, "acme")
+    page = task_query(session, [f"project_id={acme}", "result=failed"], 1, 600, False, "results")
+    result = page.as_task_result()
+    assert set(result) == {"results", "pagination"}
+    assert result["pagination"] == {"page": 1, "pageSize": 600, "totalItems": 10, "totalPages": 1}
+    row = result["results"][0]
+    assert set(row) == RESULT_KEYS
+    assert isinstance(row["start_time"], datetime)  # Kombu encodes it as the API expects
+    assert row["project_id"] == acme and row["result"] == "failed"
+    runs = task_query(session, None, 1, 600, False, "runs").as_task_result()
+    assert set(runs["runs"][0]) == RUN_KEYS and runs["pagination"]["totalItems"] == 2
+
+
+@pytest.mark.parametrize(
+    ("filters", "expected"),
+    [
+        (["result!passed"], 10),
+        (["duration>=10", "metadata.jira=BUG-1"], 10),
+        (["duration)10", "duration(12"], 3),  # the frontend's URL-safe >= and <=
+        (["duration>28"], 1),
+        (["test_id~^test_1"], 11),
+        (["test_id%ST_2"], 11),
+        (["result*failed;error"], 10),
+        (["metadata.jira@y"], 30),
+        (["metadata.nothing@n"], 30),
+    ],
+)
+def test_upstream_operators(session: Session, filters: list[str], expected: int) -> None:
+    if session.get_bind().dialect.name == "sqlite" and any("~" in f for f in filters):
+        pytest.skip("SQLite has no regular expressions")
+    scoped = [f"project_id={project_id(session, 'acme')}", *filters]
+    assert task_query(session, scoped, 1, 1000, False, "results").total == expected
+
+
+def test_upstream_json_paths_on_runs(session: Session) -> None:
+    found = task_query(session, ["summary.pass_percent>=50", "component=ui"], 1, 600, False, "runs")
+    assert found.total == 2
+    build = task_query(session, ["metadata.jenkins.build_number=12"], 1, 600, False, "runs")
+    assert build.total == 2
+    if session.get_bind().dialect.name == "postgresql":
+        tags = task_query(session, ["metadata.tags=nightly"], 1, 600, False, "runs")
+        assert tags.total == 2
+        slow = task_query(session, ["metadata.tags*slow;fast"], 1, 600, False, "results")
+        assert slow.total == 2
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"filters": ["password=x"]}, "cannot be filtered on 'password'"),
+        ({"filters": ["no operator"]}, "not a filter"),
+        ({"filters": ["id=not-a-uuid"]}, "not a UUID"),
+        ({"filters": ["start_time>soon"]}, "not an ISO 8601 date"),
+        ({"filters": ["metadata..b=x"]}, "bad JSON path"),
+        ({"filters": "result=passed"}, "must be a list"),
+        ({"kind": "users"}, "unknown table 'users'"),
+        ({"page": 0}, "page must be 1 or more"),
+        ({"page_size": "600"}, "page_size must be a whole number"),
+    ],
+)
+def test_bad_task_queries_are_refused_clearly(
+    session: Session, arguments: dict[str, Any], message: str
+) -> None:
+    call = {"filters": None, "page": 1, "page_size": 600, "estimate": False, "kind": "results"}
+    call.update(arguments)
+    with pytest.raises(QueryError, match=message):
+        task_query(session, call["filters"], call["page"], call["page_size"], call["estimate"], call["kind"])
+
+
+def test_estimates_fall_back_to_exact_counts_when_small(session: Session) -> None:
+    page = task_query(session, None, 1, 600, True, "results")
+    assert (page.total, page.total_is_estimate) == (40, False)
+    page = task_query(session, ["result=failed"], 1, 600, True, "results")
+    assert (page.total, page.total_is_estimate) == (14, False)
+
+
+# --- query: structured, one project -----------------------------------------------------------
+
+
 def test_filters_are_scoped_to_the_project(session: Session) -> None:
     page = run_query(session, kind="results", project="acme", filters=[["result", "eq", "failed"]])
-    assert page.total == 10 and len(page.items) == 10
-    assert {item["result"] for item in page.items} == {"failed"}
+    assert page.total == 10 and len(page.rows) == 10
+    assert {row["result"] for row in page.rows} == {"failed"}
     everything = run_query(session, kind="results", project="other")
     assert everything.total == 10  # never acme's rows
 
@@ -54,13 +162,13 @@ def test_operators_metadata_and_paging(session: Session) -> None:
     ]
     page = run_query(session, kind="results", project="acme", filters=filters, page_size=2)
     assert page.total == 5  # 11, 13, 15, 17, 19
-    assert len(page.items) == 2
+    assert len(page.rows) == 2
     second = run_query(
         session, kind="results", project="acme", filters=filters, page=2, page_size=2
     )
-    assert {i["test_id"] for i in page.items}.isdisjoint({i["test_id"] for i in second.items})
+    assert {r["test_id"] for r in page.rows}.isdisjoint({r["test_id"] for r in second.rows})
     newest = run_query(session, kind="results", project="acme", page_size=1)
-    assert newest.items[0]["test_id"] == "test_0"  # newest first
+    assert newest.as_dict()["items"][0]["test_id"] == "test_0"  # newest first
 
 
 @pytest.mark.parametrize(
@@ -70,11 +178,11 @@ def test_operators_metadata_and_paging(session: Session) -> None:
         ({"project": "nope"}, "no project 'nope'"),
         ({"filters": [["password", "eq", "x"]]}, "cannot be filtered on 'password'"),
         ({"filters": [["result", "like", "x"]]}, "unknown operator 'like'"),
-        ({"filters": [["metadata.a'b", "eq", "x"]]}, "bad metadata key"),
+        ({"filters": [["metadata.a'b", "eq", "x"]]}, "bad JSON path"),
         ({"filters": [["duration", "gt", "soon"]]}, "bad value 'soon'"),
         ({"filters": [["result", "in", []]]}, "'in' needs a list"),
         ({"page_size": MAX_PAGE_SIZE + 1}, "page_size must be between"),
-        ({"kind": "users"}, "unknown kind 'users'"),
+        ({"kind": "users"}, "unknown table 'users'"),
         ({"filters": [["duration", "contains", "1"]]}, "'contains' works on text fields only"),
     ],
 )
@@ -87,25 +195,35 @@ def test_bad_queries_are_refused_clearly(
 
 
 def test_payload_is_capped(session: Session) -> None:
-    project = Project(name="big")
-    session.add(project)
+    big = add_project(session, "big")
+    start = utcnow()
+    run = Run(id=uuid.uuid4(), project_id=big, start_time=start, created=start)
+    session.add(run)
     session.flush()
     blob = "x" * (MAX_PAYLOAD_BYTES // 4)
     session.add_all(
-        Result(project_id=project.id, test_id=f"big_{n}", result="passed", data={"log": blob})
+        Result(
+            id=uuid.uuid4(),
+            project_id=big,
+            run_id=run.id,
+            test_id=f"big_{n}",
+            result="passed",
+            start_time=start,
+            data={"log": blob},
+        )
         for n in range(8)
     )
     session.commit()
     page = run_query(session, kind="results", project="big", page_size=8)
-    assert page.truncated
-    assert 0 < len(page.items) < 8
+    assert page.truncated and page.as_dict()["truncated"]
+    assert 0 < len(page.rows) < 8
     assert page.total == 8
+    upstream = task_query(session, [f"project_id={big}"], 1, 600, False, "results")
+    assert upstream.as_task_result()["truncated"] is True
 
 
 def test_runs_and_estimated_counts(session: Session) -> None:
     page = run_query(
         session, kind="runs", project="acme", filters=[["component", "eq", "ui"]], estimate=True
     )
-    assert len(page.items) == 1
-    assert page.total_is_estimate == (session.get_bind().dialect.name == "postgresql")
-    assert page.total >= 1
+    assert len(page.rows) == 1 and page.total == 1

@@ -1,51 +1,63 @@
-"""Batched result writes keep every character, on PostgreSQL (COPY) and SQLite (INSERT)."""
+"""The landing keeps every character, on PostgreSQL (COPY) and SQLite (INSERT)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import uuid
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
-from ibutsu_server.db.models import Result, Run
-from ibutsu_worker.importing.records import ParsedResult
-from ibutsu_worker.importing.store import ResultWriter
+from ibutsu_server.db.models import Artifact, Result, Run
+from ibutsu_worker.importing.landing import MAX_TEST_ID_BYTES, Upload, land, stored_test_id
+from ibutsu_worker.importing.records import ArtifactRecord, Record, ResultRecord, RunRecord
 from ibutsu_worker_tests.dbsession import migrated_session
 
 AWKWARD = 'tab\there, new\nline, back\\slash, cr\r, quote " and \\N, ünïcode ✓'
 
 
 @pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
-def test_awkward_text_survives_the_batch_write(dialect: str, tmp_path: Path) -> None:
-    with migrated_session(dialect, tmp_path) as session:
-        run = Run()
-        session.add(run)
-        session.flush()
-        writer = ResultWriter(
-            session, run_id=run.id, project_id=None, component=AWKWARD, env=None, source="ci"
+def test_awkward_text_and_bytes_survive_the_write(dialect: str, tmp_path: Path) -> None:
+    start = datetime(2026, 1, 2, 3, 4, 5)
+    upload = Upload(uuid.uuid4(), None, "ci", {"note": AWKWARD}, datetime(2026, 6, 1))
+    results = [
+        ResultRecord(
+            test_id=f"{AWKWARD} {n}",
+            result="failed",
+            start_time=start,
+            duration=1.5,
+            params={"p": AWKWARD},
+            metadata={"short_tb": AWKWARD},
+            component=AWKWARD,
+            artifacts=[ArtifactRecord("traceback.log", AWKWARD.encode() + bytes(range(256)))],
         )
-        start = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
-        parsed = [
-            ParsedResult(
-                test_id=f"{AWKWARD} {n}",
-                result="failed",
-                start_time=start,
-                duration=1.5,
-                params={"p": AWKWARD},
-                metadata={"short_tb": AWKWARD},
-            )
-            for n in range(3)
-        ]
-        writer.add_all(parsed)
+        for n in range(3)
+    ]
+    records: list[Record] = [RunRecord(start_time=start), *results]
+    with migrated_session(dialect, tmp_path) as session:
+        landed = land(session, upload, records)
         session.commit()
-        assert writer.written == 3
+        assert landed.results == 3
         rows = session.scalars(select(Result).order_by(Result.test_id)).all()
         assert [r.test_id for r in rows] == [f"{AWKWARD} {n}" for n in range(3)]
-        assert {r.id for r in rows} == {p.id for p in parsed}
+        assert {r.id for r in rows} == {r.id for r in results}
         for row in rows:
             assert row.component == AWKWARD and row.env is None and row.source == "ci"
-            assert row.params == {"p": AWKWARD} and row.data == {"short_tb": AWKWARD}
-            assert row.duration == 1.5
-            assert row.start_time is not None
-            assert row.start_time.replace(tzinfo=UTC) == start
+            assert row.params == {"p": AWKWARD}
+            assert row.data == {"run": str(landed.run_id), "short_tb": AWKWARD, "note": AWKWARD}
+            assert row.duration == 1.5 and row.start_time == start
+        contents = session.scalars(select(Artifact.content)).all()
+        assert contents == [AWKWARD.encode() + bytes(range(256))] * 3
+        run = session.get(Run, landed.run_id)
+        assert run is not None and run.source == "ci" and run.start_time == start
+
+
+def test_long_test_ids_are_cut_with_a_hash_that_keeps_them_apart() -> None:
+    short = "test_" + "x" * 100
+    assert stored_test_id(short) == short
+    long_a, long_b = "é" * 2000 + "a", "é" * 2000 + "b"
+    stored_a, stored_b = stored_test_id(long_a), stored_test_id(long_b)
+    assert stored_a != stored_b
+    assert len(stored_a.encode()) <= MAX_TEST_ID_BYTES
+    assert stored_a.startswith("é" * 100) and "…" in stored_a

@@ -1,87 +1,83 @@
-"""Run summaries: SQL aggregates, coalesced updates, and finding stale runs."""
+"""Run summaries: SQL aggregates as upstream's update_run defines them, coalesced updates,
+and finding stale runs; on PostgreSQL and SQLite."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from ibutsu_server.db.models import Result, Run, RunUpdateRequest, utcnow
+from ibutsu_server.db.models import Result, Run, utcnow
+from ibutsu_testing.services import wait_for
 from ibutsu_worker.summaries import (
     UpdateOutcome,
     coalesced_update,
+    pass_percent,
     stale_runs,
-    update_requested,
-    update_run_summary,
+    update_summary,
 )
+from ibutsu_worker_tests.builders import add_run
 from ibutsu_worker_tests.dbsession import migrated_session
 
 OUTCOMES = ["passed"] * 5 + ["failed"] * 2 + ["error", "skipped", "xfailed", "xpassed", "manual"]
 
 
-def _run_with_results(session: Session, **run_fields: object) -> uuid.UUID:
-    run = Run(**run_fields)
-    session.add(run)
-    session.flush()
-    start = utcnow() - timedelta(hours=1)
-    for n, outcome in enumerate(OUTCOMES):
-        session.add(
-            Result(
-                run_id=run.id,
-                test_id=f"t{n}",
-                result=outcome,
-                duration=0.5,
-                start_time=start + timedelta(seconds=n),
-                component="ui",
-                env="stage",
-            )
-        )
-    session.commit()
-    return run.id
-
-
-def test_summary_counts_and_fills_empty_run_fields(session: Session) -> None:
-    run_id = _run_with_results(session, component="api")
-    summary = update_run_summary(session, run_id)
+def test_summary_as_upstream_defines_it(session: Session) -> None:
+    run_id = add_run(
+        session,
+        OUTCOMES,
+        component="api",
+        summary={"collected": 13, "tests": 99},
+        data={"tags": ["mine"]},
+        result_fields={"env": "stage", "data": {"jenkins": {"job_name": "j"}, "tags": ["x"]}},
+    )
+    summary = update_summary(session, run_id)
     session.commit()
     assert summary == {
         "tests": 12,
-        "passes": 5,
         "failures": 2,
         "errors": 1,
         "skips": 1,
         "xfailures": 1,
         "xpasses": 1,
-        "collected": 12,
+        "passes": 6,  # what is left: manual counts as a pass, as upstream counts it
+        "pass_percent": 50,
+        "collected": 13,  # kept from the client
         "not_run": 1,
     }
     run = session.get(Run, run_id, populate_existing=True)
-    assert run is not None
-    assert run.summary == summary
+    assert run is not None and run.summary == summary
     assert run.duration == pytest.approx(6.0)
-    assert run.start_time is not None
     assert run.component == "api"  # already set: kept
-    assert run.env == "stage"  # empty: filled from the results
+    assert run.env == "stage"  # empty: from the first result
+    assert run.data == {"tags": ["mine"], "jenkins": {"job_name": "j"}}  # only what it lacked
+
+
+@pytest.mark.parametrize(
+    ("passes", "tests", "percent"), [(0, 0, 0), (1, 3, 33), (2, 3, 66), (3, 3, 100), (5, 3, 100), (-1, 3, 0)]
+)
+def test_pass_percent_is_floored_and_clamped(passes: int, tests: int, percent: int) -> None:
+    assert pass_percent(passes, tests) == percent
 
 
 def test_stale_runs_in_one_query(session: Session) -> None:
-    fresh = _run_with_results(session)
-    update_run_summary(session, fresh)
-    wrong = _run_with_results(session, summary={"tests": 12, "passes": 12})
-    never = _run_with_results(session)
-    empty = Run()
-    old = _run_with_results(session, created=utcnow() - timedelta(days=30))
-    session.add(empty)
+    fresh = add_run(session, OUTCOMES)
+    update_summary(session, fresh)
+    wrong = add_run(session, OUTCOMES, summary={"tests": 12, "failures": 0})
+    never = add_run(session, OUTCOMES)
+    empty = add_run(session, [])
+    old = add_run(session, OUTCOMES, start=utcnow() - timedelta(days=30))
     session.commit()
     found = set(stale_runs(session, utcnow() - timedelta(hours=24)))
-    assert found == {wrong, never, empty.id}
+    assert found == {wrong, never, empty}
     assert old not in found
     for run_id in found:
-        update_run_summary(session, run_id)
+        update_summary(session, run_id)
     session.commit()
     assert stale_runs(session, utcnow() - timedelta(hours=24)) == []
 
@@ -90,20 +86,30 @@ def test_update_of_a_missing_run(session: Session) -> None:
     assert coalesced_update(session, uuid.uuid4()) is UpdateOutcome.MISSING
 
 
-def test_requests_during_an_update_become_exactly_one_more(tmp_path: Path) -> None:
-    with migrated_session("postgresql", tmp_path) as holder:
-        run_id = _run_with_results(holder)
-        assert coalesced_update(holder, run_id) is UpdateOutcome.UPDATED  # holds the row
-        assert holder.bind is not None
-        with Session(holder.bind) as second, Session(holder.bind) as third:
-            assert coalesced_update(second, run_id) is UpdateOutcome.COALESCED
-            assert coalesced_update(third, run_id) is UpdateOutcome.COALESCED
-            requests = second.scalars(select(RunUpdateRequest.run_id)).all()
-            assert requests == [run_id]  # two requests, one pending update
-        holder.commit()
-        assert update_requested(holder, run_id)
-        holder.commit()
-        # The one more update consumes the request.
-        assert coalesced_update(holder, run_id) is UpdateOutcome.UPDATED
-        holder.commit()
-        assert not update_requested(holder, run_id)
+def test_one_update_runs_one_waits_and_the_rest_are_covered(tmp_path: Path) -> None:
+    """While an update holds the run, the next request waits for it and then runs; a request
+    arriving meanwhile is covered by the waiting one, which then sees its results."""
+    with migrated_session("postgresql", tmp_path) as running:
+        run_id = add_run(running, ["passed"] * 3)
+        assert coalesced_update(running, run_id) is UpdateOutcome.UPDATED  # holds the run
+        assert running.bind is not None
+        waiting, late = Session(running.bind), Session(running.bind)
+        outcome: list[UpdateOutcome] = []
+        waiter = threading.Thread(target=lambda: outcome.append(coalesced_update(waiting, run_id)))
+        waiter.start()
+        blocked = text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+        wait_for(lambda: late.scalar(blocked), timeout=30, interval=0.01)
+        late.rollback()
+        # A result lands after the waiting update asked; its own update request is covered.
+        late.add(Result(id=uuid.uuid4(), run_id=run_id, test_id="late", result="failed", start_time=utcnow()))
+        late.commit()
+        assert coalesced_update(late, run_id) is UpdateOutcome.COALESCED
+        late.commit()
+        running.commit()  # the running update ends: the waiting one runs
+        waiter.join(timeout=30)
+        assert outcome == [UpdateOutcome.UPDATED]
+        waiting.commit()
+        summary = late.scalar(select(Run.summary).where(Run.id == run_id))
+        assert summary is not None and (summary["tests"], summary["failures"]) == (4, 1)
+        waiting.close()
+        late.close()

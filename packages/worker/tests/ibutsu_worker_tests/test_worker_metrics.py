@@ -7,12 +7,13 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from ibutsu_server.db.migrate import upgrade
+from ibutsu_server.task_names import RUN_JUNIT_IMPORT as IMPORT
+from ibutsu_server.task_names import UPDATE_RUN
 from ibutsu_testing.services import free_port, http_get, running_worker, settings_for, wait_for
-from ibutsu_worker.cli import Operator
+from ibutsu_worker.submission import Submitter
 
 CREDENTIALS = "prometheus:scrape-password-1"
-UPDATE_RUN = "ibutsu_server.tasks.runs.update_run"
-IMPORT = "ibutsu_server.tasks.importers.import_results"
 
 
 def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -41,8 +42,8 @@ def test_metrics_count_every_child_once(service_environ: dict[str, str], tmp_pat
         "IBUTSU_METRICS_BASIC_AUTH": CREDENTIALS,
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
     }
-    operator = Operator(settings_for(service_environ))
-    operator.upgrade()
+    submitter = Submitter(settings_for(service_environ))
+    upgrade(submitter.db.engine)
     sample = tmp_path / "sample.xml"
     sample.write_text('<testsuite name="s"><testcase name="a"/><testcase name="b"/></testsuite>')
     # Two children, each replaced after every task: counts must survive their children.
@@ -57,10 +58,10 @@ def test_metrics_count_every_child_once(service_environ: dict[str, str], tmp_pat
         assert http_get(port, "/readyz")[0] == 200
         assert http_get(port, "/metrics")[0] == 401
         assert http_get(port, "/metrics", "prometheus:wrong-password")[0] == 401
-        imports = [operator.submit(sample, project="m") for _ in range(3)]
+        imports = [submitter.submit(sample) for _ in range(3)]
         for _ in range(4):
-            operator.celery.send_task(UPDATE_RUN, args=[str(uuid.uuid4())])
-        operator.wait(imports, timeout=60, progress=None)
+            submitter.celery.send_task(UPDATE_RUN, args=[str(uuid.uuid4())])
+        submitter.wait(imports, timeout=60)
 
         def scraped() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
             status, text = http_get(port, "/metrics", CREDENTIALS)
@@ -81,4 +82,4 @@ def test_metrics_count_every_child_once(service_environ: dict[str, str], tmp_pat
     assert _value(samples, "ibutsu_imports_total", format="junit", outcome="done") == 3
     assert _value(samples, "ibutsu_results_imported_total") == 6
     assert _value(samples, "ibutsu_summary_updates_total", outcome="missing") == 4
-    operator.db.engine.dispose()
+    submitter.close()

@@ -54,13 +54,28 @@ def make_engine(settings: DatabaseSettings, **kwargs: Any) -> Engine:
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS}, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(
+    engine = create_engine(
         url,
         pool_pre_ping=True,
         pool_recycle=POOL_RECYCLE_SECONDS,
         connect_args={"connect_timeout": 10, "application_name": "ibutsu-tasks"},
         **kwargs,
     )
+    event.listen(engine, "checkin", _release_advisory_locks)
+    return engine
+
+
+def _release_advisory_locks(dbapi_connection: Any, _record: Any) -> None:
+    """A connection goes back to the pool holding no session-level advisory lock, so a lock
+    that an interrupted task held can never outlive the task."""
+    if dbapi_connection is None:  # invalidated: the server dropped its locks with it
+        return
+    try:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_unlock_all()")
+        dbapi_connection.commit()
+    except Exception:  # a broken connection holds no lock; the pool discards it
+        return
 
 
 def after_commit(session: Session, callback: Callable[[], Any]) -> None:

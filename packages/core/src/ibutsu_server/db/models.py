@@ -1,64 +1,21 @@
-"""Ibutsu's tables, portable between PostgreSQL (UUID, JSONB) and SQLite (CHAR, JSON).
-
-Every foreign key that points at a row which pruning may delete cascades or nulls on delete,
-so a newer row can never block the deletion of an older one.
-"""
+"""The ORM view of upstream's tables (``ibutsu_server.db.schema``) that the tasks use, and the
+vocabulary stored in them: result outcomes, import statuses and run summary keys."""
 
 from __future__ import annotations
 
 import enum
 import uuid
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any
 
-from sqlalchemy import (
-    JSON,
-    DateTime,
-    Float,
-    ForeignKey,
-    Index,
-    Integer,
-    LargeBinary,
-    MetaData,
-    String,
-    Text,
-    Uuid,
-    text,
-)
-from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped
 
-# JSONB on PostgreSQL (indexable, compact), plain JSON elsewhere.
-JSONType = JSON().with_variant(JSONB(), "postgresql")
-
-NAMING_CONVENTION = {
-    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
-    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
-
-SUMMARY_KEYS = (
-    "tests",
-    "failures",
-    "errors",
-    "skips",
-    "xfailures",
-    "xpasses",
-    "passes",
-    "collected",
-    "not_run",
-)
+from ibutsu_server.db import schema
 
 
 def utcnow() -> datetime:
-    """The current time, timezone-aware in UTC."""
-    return datetime.now(UTC)
-
-
-def empty_summary() -> dict[str, int]:
-    """A run summary with every counter at zero."""
-    return dict.fromkeys(SUMMARY_KEYS, 0)
+    """The current time in UTC, without a timezone: upstream's columns store naive UTC."""
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 class ResultOutcome(enum.StrEnum):
@@ -74,143 +31,124 @@ class ResultOutcome(enum.StrEnum):
     BLOCKED = "blocked"
 
 
+#: The run summary counter each outcome adds to, as upstream's ``update_run`` defines it.
+#: Every result counts in "tests"; "passes" is what is left (manual and blocked included).
+SUMMARY_COUNTERS: dict[str, str] = {
+    ResultOutcome.FAILED: "failures",
+    ResultOutcome.ERROR: "errors",
+    ResultOutcome.SKIPPED: "skips",
+    ResultOutcome.XFAILED: "xfailures",
+    ResultOutcome.XPASSED: "xpasses",
+}
+#: Every key of a run summary the workers write.
+SUMMARY_KEYS = (
+    "tests",
+    *SUMMARY_COUNTERS.values(),
+    "passes",
+    "collected",
+    "not_run",
+    "pass_percent",
+)
+
+
 class ImportStatus(enum.StrEnum):
-    """The life of an import: pending, running, then done or failed."""
+    """The life of an import as the API shows it: pending, running, then done or error."""
 
     PENDING = "pending"
     RUNNING = "running"
     DONE = "done"
-    FAILED = "failed"
+    ERROR = "error"
+
+    @property
+    def finished(self) -> bool:
+        return self in (ImportStatus.DONE, ImportStatus.ERROR)
 
 
 class Base(DeclarativeBase):
-    metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSONType, uuid.UUID: Uuid()}
-
-
-def _uuid_pk() -> Mapped[uuid.UUID]:
-    return mapped_column(primary_key=True, default=uuid.uuid4)
-
-
-def _created() -> Mapped[datetime]:
-    return mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
+    metadata = schema.metadata
 
 
 class Project(Base):
-    __tablename__ = "projects"
+    __table__ = schema.projects
 
-    id: Mapped[uuid.UUID] = _uuid_pk()
-    name: Mapped[str] = mapped_column(String(255), unique=True)
-    title: Mapped[str | None] = mapped_column(String(255))
-    data: Mapped[dict[str, Any] | None]
+    id: Mapped[uuid.UUID]
+    name: Mapped[str | None]
+    title: Mapped[str | None]
+    owner_id: Mapped[uuid.UUID | None]
 
 
-class _TestRecord:
-    """Columns that runs and results share."""
+class User(Base):
+    __table__ = schema.users
 
-    start_time: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    duration: Mapped[float | None] = mapped_column(Float)
-    component: Mapped[str | None] = mapped_column(String(255))
-    env: Mapped[str | None] = mapped_column(String(255))
-    source: Mapped[str | None] = mapped_column(String(255))
+    id: Mapped[uuid.UUID]
+    email: Mapped[str]
+    name: Mapped[str | None]
+    is_superadmin: Mapped[bool]
+    is_active: Mapped[bool]
+
+
+class Run(Base):
+    __table__ = schema.runs
+
+    id: Mapped[uuid.UUID]
+    project_id: Mapped[uuid.UUID | None]
     # The API's "metadata": the name is reserved by SQLAlchemy's declarative base.
     data: Mapped[dict[str, Any] | None]
-
-
-# A run's age for pruning: when it started, or when it was stored if nobody said.
-RUN_AGE_SQL = "coalesce(start_time, created)"
-
-
-class Run(_TestRecord, Base):
-    __tablename__ = "runs"
-    __table_args__ = (
-        Index(None, "project_id", "start_time"),
-        Index(None, "created"),
-        Index(None, "start_time"),
-        Index("ix_runs_age", text(RUN_AGE_SQL)),
-    )
-
-    id: Mapped[uuid.UUID] = _uuid_pk()
-    project_id: Mapped[uuid.UUID | None] = mapped_column(
-        ForeignKey("projects.id", ondelete="SET NULL")
-    )
-    created: Mapped[datetime] = _created()
+    env: Mapped[str | None]
+    component: Mapped[str | None]
+    source: Mapped[str | None]
+    start_time: Mapped[datetime]
+    duration: Mapped[float | None]
     summary: Mapped[dict[str, Any] | None]
+    created: Mapped[datetime]
 
 
-class Result(_TestRecord, Base):
-    __tablename__ = "results"
-    __table_args__ = (
-        Index(None, "run_id", "result"),
-        Index(None, "project_id", "start_time"),
-        Index(None, "start_time"),
-        Index(None, "test_id"),
-    )
+class Result(Base):
+    __table__ = schema.results
 
-    id: Mapped[uuid.UUID] = _uuid_pk()
-    run_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
-    project_id: Mapped[uuid.UUID | None] = mapped_column(
-        ForeignKey("projects.id", ondelete="SET NULL")
-    )
-    test_id: Mapped[str] = mapped_column(Text)
-    result: Mapped[str] = mapped_column(String(16))
+    id: Mapped[uuid.UUID]
+    project_id: Mapped[uuid.UUID | None]
+    run_id: Mapped[uuid.UUID | None]
+    test_id: Mapped[str | None]
+    result: Mapped[str | None]
+    data: Mapped[dict[str, Any] | None]
     params: Mapped[dict[str, Any] | None]
-
-
-class RunUpdateRequest(Base):
-    """A summary update asked for while another was running: the running one enqueues
-    exactly one more when it finishes (see ibutsu_worker.summaries)."""
-
-    __tablename__ = "run_update_requests"
-
-    run_id: Mapped[uuid.UUID] = mapped_column(
-        ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True
-    )
-    requested: Mapped[datetime] = _created()
+    duration: Mapped[float | None]
+    start_time: Mapped[datetime]
+    source: Mapped[str | None]
+    env: Mapped[str | None]
+    component: Mapped[str | None]
 
 
 class Artifact(Base):
-    __tablename__ = "artifacts"
-    __table_args__ = (Index(None, "upload_date"), Index(None, "result_id"), Index(None, "run_id"))
+    __table__ = schema.artifacts
 
-    id: Mapped[uuid.UUID] = _uuid_pk()
-    result_id: Mapped[uuid.UUID | None] = mapped_column(
-        ForeignKey("results.id", ondelete="CASCADE")
-    )
-    run_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
-    filename: Mapped[str] = mapped_column(String(255))
-    content: Mapped[bytes] = mapped_column(LargeBinary)
-    upload_date: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), default=utcnow, nullable=False
-    )
+    id: Mapped[uuid.UUID]
+    content: Mapped[bytes | None]
+    result_id: Mapped[uuid.UUID | None]
+    run_id: Mapped[uuid.UUID | None]
+    filename: Mapped[str | None]
+    # The API's "additional_metadata".
     data: Mapped[dict[str, Any] | None]
+    upload_date: Mapped[datetime]
 
 
 class Import(Base):
-    __tablename__ = "imports"
-    __table_args__ = (Index(None, "status", "created"),)
+    __table__ = schema.imports
 
-    id: Mapped[uuid.UUID] = _uuid_pk()
-    filename: Mapped[str] = mapped_column(String(255))
-    format: Mapped[str | None] = mapped_column(String(32))
-    status: Mapped[str] = mapped_column(String(16), default=ImportStatus.PENDING)
-    message: Mapped[str | None] = mapped_column(Text)
-    # No foreign key: the run may be pruned long before the import record.
-    run_id: Mapped[uuid.UUID | None]
-    result_count: Mapped[int] = mapped_column(Integer, default=0)
-    created: Mapped[datetime] = _created()
-    started: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    finished: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    # What the uploader said about the run: project, source, env, component, metadata.
+    id: Mapped[uuid.UUID]
+    filename: Mapped[str | None]
+    format: Mapped[str | None]
+    # The API's "metadata": project_id, source, the uploader's metadata, run_id, and what
+    # the workers record (see ibutsu_worker.importing.job).
     data: Mapped[dict[str, Any] | None]
+    status: Mapped[str | None]
+    created: Mapped[datetime]
 
 
 class ImportFile(Base):
-    __tablename__ = "import_files"
+    __table__ = schema.import_files
 
-    id: Mapped[uuid.UUID] = _uuid_pk()
-    import_id: Mapped[uuid.UUID] = mapped_column(
-        ForeignKey("imports.id", ondelete="CASCADE"), unique=True
-    )
-    content: Mapped[bytes | None] = mapped_column(LargeBinary)
-    created: Mapped[datetime] = _created()
+    id: Mapped[uuid.UUID]
+    import_id: Mapped[uuid.UUID]
+    content: Mapped[bytes | None]

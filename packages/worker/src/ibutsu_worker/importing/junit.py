@@ -1,110 +1,127 @@
-"""A streaming JUnit/xUnit XML parser on top of expat.
+"""A streaming JUnit/xUnit XML reader on top of expat.
 
 It never builds a tree: records are yielded as their ``</testcase>`` closes, so memory stays
-flat however large the report. DTDs, entity declarations and external entities are refused
+flat however large the report, and the work per element is constant, so time stays linear
+however deep the suites nest. DTDs, entity declarations and external entities are refused
 before anything could be expanded or fetched.
+
+What it yields follows upstream's importer where the API and frontend read it back: the
+``test_id`` is the last dot-part of ``classname``, a dot, and the last dot-part of ``name``;
+result metadata holds ``fspath``, ``line`` and the suite and case ``<property>`` values (read
+from ``name=``, the JUnit attribute, and from ``key=``, which upstream reads); a failure's or
+error's text, and ``<system-out>``/``<system-err>``, become artifacts. Unlike upstream, xfail
+and xpass stay what they are, and testcases nested at any depth are read.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import xml.parsers.expat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, NoReturn
 
+from ibutsu_server.db.models import ResultOutcome
 from ibutsu_worker.importing.errors import ReportError
-from ibutsu_worker.importing.records import ParsedResult
+from ibutsu_worker.importing.records import ArtifactRecord, Record, ResultRecord, RunRecord
+from ibutsu_worker.importing.values import parse_duration, parse_timestamp
 
 ROOTS = ("testsuites", "testsuite")
 NOT_A_REPORT = "not a JUnit report or Ibutsu archive"
-# Longest text kept from one <failure>, <system-out>... element; the rest is cut and marked.
-MAX_TEXT = 64 * 1024
+# Longest attribute text kept in metadata (a message, a skip reason); the rest is cut.
+MAX_ATTRIBUTE_TEXT = 4096
+MAX_PROPERTIES = 1000
+MAX_DEPTH = 128
 XPASS_MESSAGES = ("xfail-marked test passes unexpectedly",)
 _XPASS_STRICT = re.compile(r"^\[XPASS\(strict\)\]")
+_TEXT_ARTIFACTS = {"failure": "traceback.log", "error": "traceback.log"}
+_STREAM_ARTIFACTS = {"system-out": "system-out.log", "system-err": "system-err.log"}
 
 
-def parse_time(value: str | None) -> float | None:
-    """Seconds from a ``time`` attribute; None when missing, negative or malformed."""
-    if not value:
-        return None
-    try:
-        seconds = float(value.strip().replace(",", ""))
-    except ValueError:
-        return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+def junit_test_id(classname: str, name: str) -> str:
+    """A JUnit case's ``test_id`` as upstream builds it, so history and compare views match
+    runs imported before: ``<last part of classname>.<last part of name>``."""
+    short = name.split(".")[-1] if name else ""
+    if classname:
+        return f"{classname.split('.')[-1]}.{short}"
+    return short or "(unnamed test)"
 
 
-def parse_timestamp(value: str | None) -> datetime | None:
-    """A timezone-aware datetime from the timestamp formats real tools write; None if unknown."""
-    if not value:
-        return None
-    text = re.sub(r"T\s+", "T", value.strip())
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    # In UTC: SQLite keeps no offset, so a local time would be stored as a wrong instant.
-    return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+def _fspath(suite_file: str | None, case: dict[str, str]) -> str | None:
+    """Upstream's ``fspath``: the suite's file, the case's, or the classname's module path."""
+    if suite_file or case.get("file"):
+        return suite_file or case.get("file")
+    classname = case.get("classname")
+    return "/".join(classname.split(".")[:-1]) if classname else None
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_ATTRIBUTE_TEXT else text[:MAX_ATTRIBUTE_TEXT] + " [cut]"
 
 
 @dataclass
 class _Suite:
     name: str
-    timestamp: datetime | None
-    hostname: str | None
+    file: str | None
+    timestamp: Any
+    # Its own and its ancestors' properties, for the cases inside it.
+    properties: dict[str, str]
+    # Cases inside it at any depth: its own, plus each child suite's when that one closes.
     cases: int = 0
-    error: dict[str, Any] | None = None
+    error: dict[str, str] | None = None
 
 
 @dataclass
 class _Case:
     attrs: dict[str, str]
     suite: _Suite | None
-    outcome: str = "passed"
-    details: dict[str, Any] = field(default_factory=dict)
+    outcome: str = ResultOutcome.PASSED
+    metadata: dict[str, Any] = field(default_factory=dict)
     properties: dict[str, str] = field(default_factory=dict)
+    artifacts: list[ArtifactRecord] = field(default_factory=list)
 
 
 class _Text:
-    """Character data of one element, cut at MAX_TEXT."""
+    """Character data of one element, cut at ``limit`` characters."""
 
-    def __init__(self, key: str) -> None:
-        self.key = key
+    def __init__(self, element: str, limit: int) -> None:
+        self.element = element
+        self.limit = limit
         self.parts: list[str] = []
         self.size = 0
         self.truncated = False
 
     def add(self, data: str) -> None:
-        room = MAX_TEXT - self.size
-        if room <= 0:
-            self.truncated = True
-            return
+        room = self.limit - self.size
         if len(data) > room:
-            data, self.truncated = data[:room], True
-        self.parts.append(data)
-        self.size += len(data)
+            data, self.truncated = data[: max(room, 0)], True
+        if data:
+            self.parts.append(data)
+            self.size += len(data)
 
     def value(self) -> str:
         text = "".join(self.parts).strip()
         return f"{text}\n[truncated]" if self.truncated else text
 
 
-class JUnitParser:
-    """Push-parses a JUnit report chunk by chunk; :meth:`parse` yields results as they close."""
+class JUnitReader:
+    """Push-parses a JUnit report chunk by chunk; :meth:`records` yields one RunRecord (before
+    the first result), then every ResultRecord as its case closes, in document order."""
 
-    def __init__(self, max_results: int | None = None) -> None:
+    def __init__(self, max_results: int, max_text: int) -> None:
         self.max_results = max_results
+        self.max_text = max_text
         self.count = 0
-        self.suite_names: list[str] = []
-        self.suite_properties: dict[str, str] = {}
-        self._stack: list[str] = []
+        self._run: RunRecord | None = None
+        self._root: dict[str, str] = {}
+        self._root_properties: dict[str, str] = {}
+        self._suites_seen = 0
+        self._depth = 0
+        self._parents: list[str] = []
         self._suites: list[_Suite] = []
         self._case: _Case | None = None
         self._text: _Text | None = None
-        self._ready: list[ParsedResult] = []
+        self._ready: list[Record] = []
         self._parser = xml.parsers.expat.ParserCreate()
         p = self._parser
         p.SetParamEntityParsing(xml.parsers.expat.XML_PARAM_ENTITY_PARSING_NEVER)
@@ -116,22 +133,23 @@ class JUnitParser:
         p.CharacterDataHandler = self._chars
         p.buffer_text = True
 
-    def parse(self, chunks: Iterable[bytes]) -> Iterator[ParsedResult]:
-        """Feed ``chunks`` of the report and yield every result in document order."""
+    def records(self, chunks: Iterable[bytes]) -> Iterator[Record]:
+        """Feed ``chunks`` of the report and yield its records."""
         try:
             for chunk in chunks:
                 self._parser.Parse(chunk, False)
                 yield from self._drain()
             self._parser.Parse(b"", True)
         except xml.parsers.expat.ExpatError as exc:
-            if not self._stack and self.count == 0 and not self.suite_names:
+            if not self._parents and self.count == 0 and not self._suites_seen:
                 raise ReportError(f"{NOT_A_REPORT}: {exc}") from None
             raise ReportError(f"malformed XML: {exc}") from None
-        yield from self._drain()
-        if not self.suite_names:
+        if not self._suites_seen:
             raise ReportError(f"{NOT_A_REPORT}: no <testsuite> element")
+        self._open_run()
+        yield from self._drain()
 
-    def _drain(self) -> Iterator[ParsedResult]:
+    def _drain(self) -> Iterator[Record]:
         ready, self._ready = self._ready, []
         yield from ready
 
@@ -141,151 +159,188 @@ class JUnitParser:
             "JUnit reports never need them and they allow entity-expansion and XXE attacks"
         )
 
-    def _emit(self, result: ParsedResult) -> None:
+    def _open_run(self) -> None:
+        """Emit the run once, before its first result: by then the root's properties and the
+        first suite's timestamp have been read."""
+        if self._run is not None:
+            return
+        start = parse_timestamp(self._root.get("timestamp"))
+        if start is None and self._suites:
+            start = self._suites[0].timestamp
+        self._run = RunRecord(start_time=start, metadata=dict(self._root_properties))
+        self._ready.append(self._run)
+
+    def _emit(self, result: ResultRecord) -> None:
         self.count += 1
-        if self.max_results is not None and self.count > self.max_results:
+        if self.count > self.max_results:
             raise ReportError(
                 f"too many results: the limit is {self.max_results} per import "
                 "(IBUTSU_IMPORT_MAX_RESULTS)"
             )
+        self._open_run()
         self._ready.append(result)
 
     def _start(self, name: str, attrs: dict[str, str]) -> None:
-        parent = self._stack[-1] if self._stack else None
-        self._stack.append(name)
-        if parent is None and name not in ROOTS:
-            raise ReportError(
-                f"{NOT_A_REPORT}: the root element is <{name}>, "
-                "expected <testsuites> or <testsuite>"
-            )
+        parent = self._parents[-1] if self._parents else None
+        self._parents.append(name)
+        if len(self._parents) > MAX_DEPTH:
+            raise ReportError(f"refused: elements nest deeper than {MAX_DEPTH} levels")
+        if parent is None:
+            if name not in ROOTS:
+                raise ReportError(
+                    f"{NOT_A_REPORT}: the root element is <{name}>, "
+                    "expected <testsuites> or <testsuite>"
+                )
+            self._root = attrs
         if name == "testsuite":
-            suite = _Suite(
-                name=attrs.get("name", ""),
-                timestamp=parse_timestamp(attrs.get("timestamp")),
-                hostname=attrs.get("hostname"),
+            self._suites_seen += 1
+            outer = self._suites[-1] if self._suites else None
+            self._suites.append(
+                _Suite(
+                    name=attrs.get("name", ""),
+                    file=attrs.get("file") or (outer.file if outer else None),
+                    timestamp=parse_timestamp(attrs.get("timestamp"))
+                    or (outer.timestamp if outer else None),
+                    properties=dict(outer.properties) if outer else {},
+                )
             )
-            self._suites.append(suite)
-            self.suite_names.append(suite.name)
         elif name == "testcase":
-            for suite in self._suites:
+            suite = self._suites[-1] if self._suites else None
+            if suite is not None:
                 suite.cases += 1
-            self._case = _Case(attrs=attrs, suite=self._suites[-1] if self._suites else None)
+            self._case = _Case(attrs=attrs, suite=suite)
         elif name == "property" and parent == "properties":
             self._property(attrs)
         elif self._case is not None and parent == "testcase":
             self._case_child(name, attrs)
         elif parent == "testsuite" and name in ("error", "failure") and self._suites:
             self._suites[-1].error = {"kind": name, **_message(attrs)}
-            self._text = _Text("short_tb")
+            self._text = _Text(name, self.max_text)
 
     def _property(self, attrs: dict[str, str]) -> None:
-        key = attrs.get("name", "")
-        value = attrs.get("value", "")
+        key = attrs.get("name") or attrs.get("key")
+        if not key:
+            return
+        value = _cut(attrs.get("value", ""))
         if self._case is not None:
-            self._case.properties[key] = value
-        elif len(self.suite_properties) < 1000:
-            self.suite_properties[key] = value
+            target = self._case.properties
+        elif self._suites:
+            target = self._suites[-1].properties
+        else:
+            target = self._root_properties
+        if key not in target and len(target) >= MAX_PROPERTIES:
+            raise ReportError(f"refused: more than {MAX_PROPERTIES} <property> elements in one place")
+        target[key] = value
+        if len(self._parents) == 3 and self._case is None and len(self._suites) == 1:
+            # A <testsuite> root's own properties describe the run, as upstream reads them.
+            self._root_properties.setdefault(key, value)
 
     def _case_child(self, name: str, attrs: dict[str, str]) -> None:
         case = self._case
         assert case is not None
+        message = _cut(attrs.get("message", ""))
         if name in ("failure", "error"):
-            message = attrs.get("message", "")
             if name == "failure" and _XPASS_STRICT.match(message):
-                case.outcome = "xpassed"
-            elif case.outcome not in ("failed", "error"):
-                case.outcome = "failed" if name == "failure" else "error"
-            case.details.update(_message(attrs))
-            self._text = _Text("short_tb")
-        elif name == "skipped":
-            message = attrs.get("message", "")
-            if attrs.get("type") == "pytest.xfail":
-                case.outcome = "xfailed"
-            elif message in XPASS_MESSAGES:
-                case.outcome = "xpassed"
-            else:
-                case.outcome = "skipped"
+                case.outcome = ResultOutcome.XPASSED
+            elif case.outcome not in (ResultOutcome.FAILED, ResultOutcome.ERROR):
+                case.outcome = ResultOutcome.FAILED if name == "failure" else ResultOutcome.ERROR
             if message:
-                case.details["skip_reason"] = message
-            self._text = _Text("skip_details")
-        elif name in ("system-out", "system-err"):
-            self._text = _Text(name.replace("-", "_"))
-        elif name in ("rerunFailure", "flakyFailure", "rerunError", "flakyError"):
-            case.details["reruns"] = case.details.get("reruns", 0) + 1
+                case.metadata.setdefault("short_tb", message)
+            if attrs.get("type"):
+                case.metadata.setdefault("exception_name", _cut(attrs["type"]))
+            self._text = _Text(name, self.max_text)
+        elif name == "skipped":
+            if attrs.get("type") == "pytest.xfail":
+                case.outcome = ResultOutcome.XFAILED
+                if message:
+                    case.metadata["xfail_reason"] = message
+            elif message in XPASS_MESSAGES:
+                case.outcome = ResultOutcome.XPASSED
+            else:
+                case.outcome = ResultOutcome.SKIPPED
+                if message:
+                    case.metadata["skip_reason"] = message
+            self._text = _Text(name, MAX_ATTRIBUTE_TEXT)
+        elif name in _STREAM_ARTIFACTS:
+            self._text = _Text(name, self.max_text)
 
     def _chars(self, data: str) -> None:
         if self._text is not None:
             self._text.add(data)
 
     def _end(self, name: str) -> None:
-        self._stack.pop()
-        if self._text is not None and name in (
-            "failure",
-            "error",
-            "skipped",
-            "system-out",
-            "system-err",
-        ):
+        self._parents.pop()
+        if self._text is not None and name == self._text.element:
             self._store_text(self._text)
             self._text = None
         if name == "testcase" and self._case is not None:
-            self._emit(_case_result(self._case))
+            self._emit(self._case_result(self._case))
             self._case = None
         elif name == "testsuite":
             suite = self._suites.pop()
+            if self._suites:
+                self._suites[-1].cases += suite.cases
             if suite.error is not None and suite.cases == 0:
-                self._emit(_suite_error_result(suite))
+                self._emit(self._suite_error_result(suite))
 
     def _store_text(self, text: _Text) -> None:
         value = text.value()
         if not value:
             return
-        if self._case is not None:
-            self._case.details[text.key] = value
-        elif self._suites and self._suites[-1].error is not None:
-            self._suites[-1].error[text.key] = value
+        case = self._case
+        if case is None:
+            if self._suites and self._suites[-1].error is not None:
+                self._suites[-1].error["text"] = value
+            return
+        if text.element == "skipped":
+            # Upstream's skip_reason is the element's text (pytest: "file:line: reason").
+            if case.outcome == ResultOutcome.SKIPPED:
+                case.metadata["skip_reason"] = value
+            return
+        filename = _TEXT_ARTIFACTS.get(text.element) or _STREAM_ARTIFACTS[text.element]
+        if not any(artifact.filename == filename for artifact in case.artifacts):
+            case.artifacts.append(ArtifactRecord(filename=filename, content=value.encode()))
+
+    def _case_result(self, case: _Case) -> ResultRecord:
+        attrs = case.attrs
+        suite = case.suite
+        metadata: dict[str, Any] = {
+            "fspath": _fspath(suite.file if suite else None, attrs),
+            "line": attrs.get("line"),
+        }
+        if suite is not None:
+            metadata.update(suite.properties)
+        metadata.update(case.properties)
+        metadata.update(case.metadata)
+        return ResultRecord(
+            test_id=junit_test_id(attrs.get("classname", ""), attrs.get("name", "")),
+            result=case.outcome,
+            start_time=parse_timestamp(attrs.get("timestamp"))
+            or (suite.timestamp if suite else None),
+            duration=parse_duration(attrs.get("time")),
+            metadata=metadata,
+            source=suite.name or None if suite else None,
+            artifacts=case.artifacts,
+        )
+
+    def _suite_error_result(self, suite: _Suite) -> ResultRecord:
+        error = dict(suite.error or {})
+        text = error.pop("text", None)
+        metadata: dict[str, Any] = {"fspath": suite.file, "line": None, **suite.properties}
+        if error.get("message"):
+            metadata["short_tb"] = error["message"]
+        if error.get("type"):
+            metadata["exception_name"] = error["type"]
+        metadata["suite_level"] = error.get("kind", "error")
+        return ResultRecord(
+            test_id=suite.name or "(unnamed suite)",
+            result=ResultOutcome.ERROR,
+            start_time=suite.timestamp,
+            metadata=metadata,
+            source=suite.name or None,
+            artifacts=[ArtifactRecord("traceback.log", text.encode())] if text else [],
+        )
 
 
 def _message(attrs: dict[str, str]) -> dict[str, str]:
-    out = {}
-    if attrs.get("message"):
-        out["message"] = attrs["message"]
-    if attrs.get("type"):
-        out["type"] = attrs["type"]
-    return out
-
-
-def _case_result(case: _Case) -> ParsedResult:
-    attrs = case.attrs
-    suite = case.suite
-    classname = attrs.get("classname", "")
-    name = attrs.get("name", "")
-    metadata: dict[str, Any] = {
-        key: attrs[key] for key in ("classname", "file", "line") if attrs.get(key)
-    }
-    if suite is not None and suite.name:
-        metadata["suite"] = suite.name
-    if suite is not None and suite.hostname:
-        metadata["hostname"] = suite.hostname
-    if case.properties:
-        metadata["properties"] = case.properties
-    metadata.update(case.details)
-    timestamp = parse_timestamp(attrs.get("timestamp"))
-    return ParsedResult(
-        test_id=name or classname or "(unnamed test)",
-        result=case.outcome,
-        start_time=timestamp or (suite.timestamp if suite else None),
-        duration=parse_time(attrs.get("time")),
-        metadata=metadata,
-    )
-
-
-def _suite_error_result(suite: _Suite) -> ParsedResult:
-    error = dict(suite.error or {})
-    kind = error.pop("kind", "error")
-    return ParsedResult(
-        test_id=suite.name or "(unnamed suite)",
-        result="error",
-        start_time=suite.timestamp,
-        metadata={"suite": suite.name, "suite_level": kind, **error},
-    )
+    return {key: _cut(attrs[key]) for key in ("message", "type") if attrs.get(key)}

@@ -1,4 +1,9 @@
-"""What parsers produce: plain records, independent of the database."""
+"""What readers produce: plain records, independent of the database.
+
+A reader turns a report into a stream of these; the landing (``importing.landing``) writes
+them. Values are already checked and normalised: timestamps naive UTC, durations finite and
+non-negative, names within their limits.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,34 @@ from typing import Any
 
 
 @dataclass
-class ParsedResult:
+class RunRecord:
+    """The run a report describes. ``id`` is None when the report keeps no run id (JUnit)."""
+
+    id: uuid.UUID | None = None
+    start_time: datetime | None = None
+    duration: float | None = None
+    component: str | None = None
+    env: str | None = None
+    source: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    #: How many tests the client collected (pytest-ibutsu's summary.collected), if it says.
+    collected: int | None = None
+    #: The project the report names (an id or a name), checked against the import's.
+    project: str | None = None
+
+
+@dataclass
+class ArtifactRecord:
+    """A file belonging to a result (``result_id``) or, without one, to the run."""
+
+    filename: str
+    content: bytes
+    result_id: uuid.UUID | None = None
+    content_type: str = "text/plain"
+
+
+@dataclass
+class ResultRecord:
     """One test result as read from a report."""
 
     test_id: str
@@ -18,4 +50,13 @@ class ParsedResult:
     duration: float | None = None
     params: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: The suite (JUnit) a result came from: its source unless the upload names one.
+    source: str | None = None
+    component: str | None = None
+    env: str | None = None
     id: uuid.UUID = field(default_factory=uuid.uuid4)
+    #: Written after the result (traceback, system-out, system-err of a JUnit case).
+    artifacts: list[ArtifactRecord] = field(default_factory=list)
+
+
+Record = RunRecord | ResultRecord | ArtifactRecord

@@ -1,1 +1,1 @@
-"""Task modules; each task is named ``ibutsu_server.tasks.<module>.<function>`` on the wire."""
+"""Task modules; each task is registered under its wire name from ibutsu_server.task_names."""

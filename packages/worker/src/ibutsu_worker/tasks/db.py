@@ -1,52 +1,84 @@
-"""``ibutsu_server.tasks.db``: prune old data in short batches; refuse dangerous retentions."""
+"""``db``: prune old data in short batches, refuse dangerous retentions; clear stored reports;
+seed users."""
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 from celery import shared_task
+from sqlalchemy import func, select, update
 
-from ibutsu_server.db.engine import after_commit
+from ibutsu_server import task_names
+from ibutsu_server.db.models import Import, ImportFile, ImportStatus
 from ibutsu_server.ibutsu_task import IbutsuTask
-from ibutsu_worker import metrics
-from ibutsu_worker.pruning import (
-    PruneReport,
-    prune_artifacts,
-    prune_import_files,
-    prune_results,
-    prune_runs,
-)
+from ibutsu_worker import metrics, pruning
+from ibutsu_worker.seeding import seed_users as seed
 
 
-@shared_task(bind=True)
-def prune_old_files(self: IbutsuTask, months: int = 3) -> dict[str, Any]:
-    """Delete artifact files uploaded more than ``months`` months ago."""
-    return _counted(self, prune_artifacts(self.session, months))
+def _prune(
+    task: IbutsuTask, prune: Callable[..., pruning.PruneReport], retention: object
+) -> dict[str, Any]:
+    report = prune(task.session, lambda: task.checkpoint("a pruning batch"), retention)
 
-
-@shared_task(bind=True)
-def prune_old_results(self: IbutsuTask, months: int = 5) -> dict[str, Any]:
-    """Delete results (and their artifacts) that started more than ``months`` months ago."""
-    return _counted(self, prune_results(self.session, months))
-
-
-@shared_task(bind=True)
-def prune_old_runs(self: IbutsuTask, months: int = 12) -> dict[str, Any]:
-    """Delete runs (with their results and artifacts) older than ``months`` months."""
-    return _counted(self, prune_runs(self.session, months))
-
-
-@shared_task(bind=True)
-def prune_old_import_files(self: IbutsuTask, days: int = 7) -> dict[str, Any]:
-    """Delete the stored report files of imports that finished more than ``days`` days ago."""
-    return _counted(self, prune_import_files(self.session, days))
-
-
-def _counted(task: IbutsuTask, report: PruneReport) -> dict[str, Any]:
-    # Batches commit as they go; the count is published with the task's final commit.
     def count() -> None:
         for table, rows in report.deleted.items():
             metrics.ROWS_PRUNED.labels(table).inc(rows)
 
-    after_commit(task.session, count)
+    # Batches are committed as they go; the count is published with the task's last commit.
+    task.after_commit(count)
     return report.as_dict()
+
+
+@shared_task(bind=True, name=task_names.PRUNE_OLD_FILES)
+def prune_old_files(self: IbutsuTask, months: int = 3) -> dict[str, Any]:
+    """Delete artifact files uploaded more than ``months`` months ago."""
+    return _prune(self, pruning.prune_artifacts, months)
+
+
+@shared_task(bind=True, name=task_names.PRUNE_OLD_RESULTS)
+def prune_old_results(self: IbutsuTask, months: int = 5) -> dict[str, Any]:
+    """Delete results (and their artifacts) that started more than ``months`` months ago."""
+    return _prune(self, pruning.prune_results, months)
+
+
+@shared_task(bind=True, name=task_names.PRUNE_OLD_RUNS)
+def prune_old_runs(self: IbutsuTask, months: int = 12) -> dict[str, Any]:
+    """Delete runs (with their results and artifacts) that started ``months`` months ago."""
+    return _prune(self, pruning.prune_runs, months)
+
+
+@shared_task(bind=True, name=task_names.PRUNE_OLD_IMPORT_FILES)
+def prune_old_import_files(self: IbutsuTask, days: int = 7) -> dict[str, Any]:
+    """Delete imports (with their stored files) created more than ``days`` days ago."""
+    return _prune(self, pruning.prune_imports, days)
+
+
+@shared_task(bind=True, name=task_names.CLEAR_IMPORT_FILE_CONTENT)
+def clear_import_file_content(self: IbutsuTask, import_id: str) -> str:
+    """Drop the stored report of a finished (done or error) import; keep the records."""
+    try:
+        key = uuid.UUID(str(import_id))
+    except ValueError:
+        return f"Import {import_id!r:.100} is not an import id"
+    record = self.session.get(Import, key)
+    if record is None:
+        return f"Import {key} not found"
+    if record.status not in (ImportStatus.DONE, ImportStatus.ERROR):
+        return f"Import {key} status is {record.status}, not clearing content"
+    size = self.session.scalar(
+        select(func.sum(func.length(ImportFile.content))).where(ImportFile.import_id == key)
+    )
+    if not size:
+        return f"No content to clear for import {key}"
+    self.session.execute(
+        update(ImportFile).where(ImportFile.import_id == key).values(content=None)
+    )
+    return f"Cleared {size} bytes from import_file for import {key}"
+
+
+@shared_task(bind=True, name=task_names.SEED_USERS)
+def seed_users(self: IbutsuTask, projects: Any = None) -> dict[str, Any]:
+    """Create users and add them to projects (upstream's admin task)."""
+    return seed(self.session, projects).as_dict()

@@ -1,4 +1,10 @@
-"""``ibutsu_server.tasks.importers``: turn uploaded reports into runs and results."""
+"""``importers``: turn uploaded reports into runs and results.
+
+The API sends ``run_junit_import`` / ``run_archive_import`` with the whole import record (a
+dict, ``created`` in Kombu's datetime encoding); the architecture document's
+``import_results`` takes the id. All three run the same import (importing.job): the format is
+recognised from the content, never from the task name or the file name.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +13,12 @@ import uuid
 from typing import Any
 
 from celery import shared_task
+from sqlalchemy.orm import Session
 
-from ibutsu_server.db.engine import after_commit
+from ibutsu_server import task_names
 from ibutsu_server.ibutsu_task import IbutsuTask
 from ibutsu_worker import metrics
-from ibutsu_worker.importing.errors import ReportError
-from ibutsu_worker.importing.importer import claim, mark_failed, run_import
+from ibutsu_worker.importing import job
 
 log = logging.getLogger(__name__)
 
@@ -22,52 +28,54 @@ class ImportTask(IbutsuTask):
 
     abstract = True
 
-    def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
-        import_id = kwargs.get("import_id") or (args[0] if args else None)
-        if import_id is None:
-            return
-        with self.app.flask_app.app_context():
-            session = self.session
-            try:
-                mark_failed(
-                    session,
-                    uuid.UUID(str(import_id)),
-                    f"internal error ({type(exc).__name__}); the worker log has the details "
-                    f"under task {task_id}",
-                )
-                session.commit()
-            finally:
-                self.db.session.remove()
+    def on_final_failure(
+        self, session: Session, exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        given = args[0] if args else next(iter(kwargs.values()), None)
+        key = job.import_id_of(given)
+        import_id = key and job.find_import(session, key)
+        if import_id is not None and job.mark_error(
+            session,
+            import_id,
+            f"internal error ({type(exc).__name__}); the worker log has the details under "
+            f"task {self.request.id}",
+        ):
+            self.after_commit(metrics.IMPORTS.labels("unknown", "error").inc)
 
 
-@shared_task(bind=True, base=ImportTask, ignore_result=True)
-def import_results(self: ImportTask, import_id: str) -> None:
-    """Import the report stored for ``import_id``: the whole run lands, or only a failed status."""
-    try:
-        key = uuid.UUID(str(import_id))
-    except ValueError:
-        log.error("import_results: %r is not an import id", import_id)
+def _run(task: IbutsuTask, import_id: uuid.UUID | None, given: Any) -> None:
+    if import_id is None:
+        log.error("%s: %.100r names no import; nothing to do", task.name, given)
         return
-    session = self.session
-    if not claim(session, key):
+    outcome = job.run(task, import_id, task.settings.import_limits)
+    if outcome is None:
         return
-    # 'running' is committed on its own, so people see it while the import works.
-    session.commit()
-    limits = self.app.flask_app.config["IBUTSU_SETTINGS"].import_limits
-    try:
-        outcome = run_import(session, key, limits)
-    except ReportError as exc:
-        session.rollback()
-        log.info("import %s failed: %s", key, exc)
-        mark_failed(session, key, str(exc))
-        failed = metrics.IMPORTS.labels(exc.format, "failed")
-        after_commit(session, failed.inc)
-        return
-    if outcome:
-        log.info("import %s done: run %s, %d results", key, outcome["run_id"], outcome["results"])
+    if outcome.error is not None:
+        log.info("import %s failed: %s", import_id, outcome.error)
+    else:
+        log.info("import %s done: run %s, %d results", import_id, outcome.run_id, outcome.results)
 
-        def count() -> None:
-            metrics.IMPORTS.labels(outcome["format"], "done").inc()
-            metrics.RESULTS_IMPORTED.inc(outcome["results"])
+    def count() -> None:
+        metrics.IMPORTS.labels(outcome.format, outcome.status.value).inc()
+        metrics.RESULTS_IMPORTED.inc(outcome.results)
 
-        after_commit(session, count)
+    task.after_commit(count)
+
+
+@shared_task(bind=True, base=ImportTask, name=task_names.RUN_JUNIT_IMPORT, ignore_result=True)
+def run_junit_import(self: ImportTask, import_: Any) -> None:
+    """Import an uploaded report (the API sends .xml files here) given its import record."""
+    _run(self, job.import_id_of(import_), import_)
+
+
+@shared_task(bind=True, base=ImportTask, name=task_names.RUN_ARCHIVE_IMPORT, ignore_result=True)
+def run_archive_import(self: ImportTask, import_: Any) -> None:
+    """Import an uploaded report (the API sends .tar.gz files here) given its import record."""
+    _run(self, job.import_id_of(import_), import_)
+
+
+@shared_task(bind=True, base=ImportTask, name=task_names.IMPORT_RESULTS, ignore_result=True)
+def import_results(self: ImportTask, file_id: str) -> None:
+    """Import the report of an import, by the import's id (or one of its files' ids)."""
+    key = job.import_id_of(file_id)
+    _run(self, key and job.find_import(self.session, key), file_id)

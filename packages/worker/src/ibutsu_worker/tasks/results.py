@@ -1,4 +1,4 @@
-"""``ibutsu_server.tasks.results``: result-level maintenance."""
+"""``results``: result-level maintenance."""
 
 from __future__ import annotations
 
@@ -6,22 +6,34 @@ import uuid
 from typing import Any
 
 from celery import shared_task
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import CursorResult, and_, func, not_, update
 
-from ibutsu_server.db.models import Result, Run
+from ibutsu_server import task_names
+from ibutsu_server.db.models import Result
 from ibutsu_server.ibutsu_task import IbutsuTask
 
 
-@shared_task(bind=True)
+@shared_task(bind=True, name=task_names.ADD_RESULT_START_TIME)
 def add_result_start_time(self: IbutsuTask, run_id: str) -> int:
-    """Give the run's results that have no start time the run's start time (clients that
-    only time the run). Returns how many results were filled."""
+    """Give the run's results whose metadata has an old-style ``starttime`` but no
+    ``start_time`` a ``start_time`` copied from it, as upstream's task means to. Returns how
+    many results changed."""
     key = uuid.UUID(str(run_id))
-    run_start = select(Run.start_time).where(Run.id == key).scalar_subquery()
+    data = Result.data
+    if self.session.get_bind().dialect.name == "postgresql":
+        has_key = data.bool_op("?")
+        has_old = and_(has_key("starttime"), not_(has_key("start_time")))
+        fixed = func.jsonb_set(data, "{start_time}", data["starttime"])
+    else:
+        has_old = and_(
+            func.json_extract(data, "$.starttime").is_not(None),
+            func.json_extract(data, "$.start_time").is_(None),
+        )
+        fixed = func.json_set(data, "$.start_time", func.json_extract(data, "$.starttime"))
     done: CursorResult[Any] = self.session.execute(  # type: ignore[assignment]
         update(Result)
-        .where(Result.run_id == key, Result.start_time.is_(None))
-        .values(start_time=run_start)
+        .where(Result.run_id == key, has_old)
+        .values(data=fixed)
         .execution_options(synchronize_session=False)
     )
     return int(done.rowcount)

@@ -1,0 +1,53 @@
+"""The name of every task on the wire, written down once.
+
+Producers (Ibutsu's API, its admin page, the beat schedule, the ``ibutsu-tasks`` command line)
+enqueue tasks by these names; the worker registers each task under its name from here, so a
+renamed or moved module can never rename a task. Every name upstream's worker registers is
+here, with the architecture document's ``import_results`` and our own additions.
+"""
+
+from __future__ import annotations
+
+_PREFIX = "ibutsu_server.tasks."
+
+# importers
+IMPORT_RESULTS = f"{_PREFIX}importers.import_results"  # (file_id): the architecture document's
+RUN_JUNIT_IMPORT = f"{_PREFIX}importers.run_junit_import"  # (import_): the API's, for .xml
+RUN_ARCHIVE_IMPORT = f"{_PREFIX}importers.run_archive_import"  # (import_): the API's, for .tar.gz
+
+# db
+CLEAR_IMPORT_FILE_CONTENT = f"{_PREFIX}db.clear_import_file_content"
+PRUNE_OLD_FILES = f"{_PREFIX}db.prune_old_files"
+PRUNE_OLD_RESULTS = f"{_PREFIX}db.prune_old_results"
+PRUNE_OLD_RUNS = f"{_PREFIX}db.prune_old_runs"
+PRUNE_OLD_IMPORT_FILES = f"{_PREFIX}db.prune_old_import_files"
+SEED_USERS = f"{_PREFIX}db.seed_users"
+
+# query
+QUERY_TASK = f"{_PREFIX}query.query_task"  # the API's, for pages over 500 rows
+QUERY = f"{_PREFIX}query.query"  # ours: structured filters, one project
+
+# results
+ADD_RESULT_START_TIME = f"{_PREFIX}results.add_result_start_time"
+
+# runs
+UPDATE_RUN = f"{_PREFIX}runs.update_run"
+SYNC_ABORTED_RUNS = f"{_PREFIX}runs.sync_aborted_runs"
+
+#: Every name upstream's worker (ibutsu-server 3.1.1) registers.
+UPSTREAM = frozenset(
+    {
+        RUN_JUNIT_IMPORT,
+        RUN_ARCHIVE_IMPORT,
+        CLEAR_IMPORT_FILE_CONTENT,
+        PRUNE_OLD_FILES,
+        PRUNE_OLD_RESULTS,
+        PRUNE_OLD_RUNS,
+        PRUNE_OLD_IMPORT_FILES,
+        SEED_USERS,
+        QUERY_TASK,
+        ADD_RESULT_START_TIME,
+        UPDATE_RUN,
+        SYNC_ABORTED_RUNS,
+    }
+)

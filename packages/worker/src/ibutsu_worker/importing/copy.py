@@ -1,0 +1,105 @@
+"""PostgreSQL's COPY for bulk rows, fed from an iterator so nothing is formatted whole in
+memory; and INSERT ... ON CONFLICT for the session's database."""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from ibutsu_server.db.models import Base
+
+COPY_READ_SIZE = 256 * 1024
+_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
+def _copy_text(value: str) -> str:
+    """``value`` escaped for COPY's text format (chained replaces beat str.translate here)."""
+    return (
+        value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    )
+
+
+def _copy_field(value: Any) -> str:
+    """One field in COPY's text format."""
+    if value is None:
+        return "\\N"
+    if isinstance(value, str):
+        return _copy_text(value)
+    if isinstance(value, dict | list):
+        return _copy_text(_JSON.encode(value))
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        # bytea's hex input form; the backslash itself is escaped for COPY.
+        return "\\\\x" + value.hex()
+    if isinstance(value, uuid.UUID | int | float):
+        return str(value)
+    raise TypeError(f"cannot COPY a {type(value).__name__}")
+
+
+def copy_line(values: Iterable[Any]) -> str:
+    """One row in COPY's text format, newline included."""
+    return "\t".join(map(_copy_field, values)) + "\n"
+
+
+class _LineReader(io.TextIOBase):
+    """A file that psycopg2's COPY reads, filled from an iterator of lines on demand."""
+
+    def __init__(self, lines: Iterator[str]) -> None:
+        super().__init__()
+        self._lines = lines
+        self._rest = ""
+        #: What the lines' producer raised; psycopg2 only reports that reading failed.
+        self.error: BaseException | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> str:
+        parts, length = [self._rest], len(self._rest)
+        while size is None or size < 0 or length < size:
+            try:
+                line = next(self._lines, None)
+            except BaseException as exc:
+                self.error = exc
+                raise
+            if line is None:
+                break
+            parts.append(line)
+            length += len(line)
+        text = "".join(parts)
+        if size is None or size < 0:
+            self._rest = ""
+            return text
+        self._rest = text[size:]
+        return text[:size]
+
+
+def copy_rows(session: Session, table: str, columns: Sequence[str], lines: Iterable[str]) -> None:
+    """``COPY table (columns) FROM STDIN`` in the session's transaction, reading ``lines`` as
+    the server asks for them. What the lines' producer raises (bad input) aborts the COPY and
+    is raised again as it was; the caller's rollback removes the rows."""
+    dbapi_connection: Any = session.connection().connection.dbapi_connection
+    source = _LineReader(iter(lines))
+    with dbapi_connection.cursor() as cursor:
+        try:
+            cursor.copy_expert(
+                f"COPY {table} ({', '.join(columns)}) FROM STDIN", source, size=COPY_READ_SIZE
+            )
+        except Exception:
+            if source.error is not None:
+                raise source.error from None
+            raise
+
+
+def dialect_insert(session: Session, model: type[Base]) -> Any:
+    """An INSERT with ON CONFLICT support for the session's database (PostgreSQL, SQLite)."""
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    return dialect.insert(model)

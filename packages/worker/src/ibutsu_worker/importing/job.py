@@ -1,0 +1,222 @@
+"""The life of one import, owned here: pending → running → done, or error with the reason.
+
+Where upstream's API and frontend read it: ``imports.status`` (``pending``, ``running``,
+``done``, ``error``) and ``imports.data``, which the API shows as the import's ``metadata``.
+Besides what the API put there (``project_id``, ``source``, the uploader's ``metadata``), the
+workers record ``run_id`` (a list, as upstream), ``error`` (why it failed), ``started`` and
+``finished`` (ISO 8601, UTC) and ``result_count``; ``format`` (``junit``, ``archive``) goes in its
+own column. No table or column of our own is needed.
+
+An import lands whole or not at all: the import's row is locked for the whole import, the run
+and its results are written inside a savepoint of the task's transaction, and the import
+becomes ``done`` in that same transaction, or, if the report is bad, the savepoint is rolled
+back and only ``error`` and its reason are recorded. A redelivered task finds the import
+finished, or waits for the row and then does.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine, func, select, update
+from sqlalchemy.orm import Session
+
+from ibutsu_server.db.models import Import, ImportFile, ImportStatus, Project, utcnow
+from ibutsu_server.ibutsu_task import IbutsuTask
+from ibutsu_server.settings import ImportLimits
+from ibutsu_worker.importing.archive import archive_records
+from ibutsu_worker.importing.errors import ReportError, quoted
+from ibutsu_worker.importing.junit import NOT_A_REPORT, JUnitReader
+from ibutsu_worker.importing.landing import Landed, Upload, land
+from ibutsu_worker.importing.records import Record
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 1024 * 1024
+GZIP_MAGIC = b"\x1f\x8b"
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+Reader = Callable[[Iterator[bytes], ImportLimits], Iterable[Record]]
+
+
+def _junit(chunks: Iterator[bytes], limits: ImportLimits) -> Iterable[Record]:
+    reader = JUnitReader(max_results=limits.max_results, max_text=limits.max_artifact_bytes)
+    return reader.records(chunks)
+
+
+READERS: dict[str, Reader] = {"junit": _junit, "archive": archive_records}
+
+
+def detect_format(head: bytes) -> str:
+    """'junit' or 'archive' from the first bytes of the content, never from the file name."""
+    if head.startswith(GZIP_MAGIC):
+        return "archive"
+    if head.removeprefix(_UTF8_BOM).lstrip().startswith(b"<"):
+        return "junit"
+    raise ReportError(NOT_A_REPORT)
+
+
+def import_id_of(value: Any) -> uuid.UUID | None:
+    """The import id in a task's argument: the API's import record (a dict with ``id``) or
+    the id itself. None when there is none."""
+    if isinstance(value, Mapping):
+        value = value.get("id")
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an import came to, for the log and the metrics."""
+
+    import_id: uuid.UUID
+    status: ImportStatus
+    format: str
+    results: int = 0
+    run_id: uuid.UUID | None = None
+    error: str | None = None
+
+
+def run(task: IbutsuTask, import_id: uuid.UUID, limits: ImportLimits) -> Outcome | None:
+    """Run the import ``import_id`` in ``task``'s transaction; None when there is nothing to do
+    (no such import, or already finished)."""
+    session = task.session
+    record = _locked(session, import_id)
+    if record is None:
+        return None
+    record.status = ImportStatus.RUNNING
+    record.data = {**(record.data or {}), "started": utcnow().isoformat()}
+    task.checkpoint("the import shows as running")
+    # Locked again, for the rest of the import: a second delivery waits here, then finds it done.
+    record = _locked(session, import_id)
+    if record is None:
+        return None
+    fmt = "unknown"
+    savepoint = session.begin_nested()
+    try:
+        file_id, length = _stored_file(session, record.id, limits)
+        chunks = content_chunks(session.get_bind().engine, file_id, length)
+        head = next(chunks, b"")
+        fmt = detect_format(head)
+        landed = land(session, _upload(session, record), READERS[fmt](_prepend(head, chunks), limits))
+        savepoint.commit()
+    except ReportError as exc:
+        savepoint.rollback()
+        mark_error(session, import_id, str(exc), fmt)
+        return Outcome(import_id, ImportStatus.ERROR, fmt, error=str(exc))
+    _mark_done(session, record, fmt, landed, file_id)
+    return Outcome(import_id, ImportStatus.DONE, fmt, landed.results, landed.run_id)
+
+
+def _locked(session: Session, import_id: uuid.UUID) -> Import | None:
+    """The import's row, locked until the transaction ends; None if it is missing or done."""
+    record = session.get(Import, import_id, with_for_update=True, populate_existing=True)
+    if record is None:
+        log.warning("import %s does not exist; nothing to do", import_id)
+        return None
+    if record.status in (ImportStatus.DONE, ImportStatus.ERROR):
+        log.info("import %s is already %s; nothing to do", import_id, record.status)
+        return None
+    return record
+
+
+def find_import(session: Session, file_id: uuid.UUID) -> uuid.UUID | None:
+    """The import that ``file_id`` names: an import's id, or one of its import_files' ids."""
+    if session.get(Import, file_id) is not None:
+        return file_id
+    return session.scalar(select(ImportFile.import_id).where(ImportFile.id == file_id))
+
+
+def _stored_file(session: Session, import_id: uuid.UUID, limits: ImportLimits) -> tuple[uuid.UUID, int]:
+    stored = session.execute(
+        select(ImportFile.id, func.length(ImportFile.content))
+        .where(ImportFile.import_id == import_id, ImportFile.content.is_not(None))
+        .limit(1)
+    ).first()
+    if stored is None:
+        raise ReportError("the uploaded file is missing: nothing was stored for this import")
+    length = int(stored[1])
+    if length > limits.max_upload_bytes:
+        raise ReportError(
+            f"the report is {length} bytes, over the upload limit of {limits.max_upload_bytes} "
+            "bytes (IBUTSU_IMPORT_MAX_UPLOAD_BYTES)"
+        )
+    return stored[0], length
+
+
+def _upload(session: Session, record: Import) -> Upload:
+    """What the import record (as the API stored it) says about its upload."""
+    data = record.data or {}
+    project_id = None
+    if data.get("project_id"):
+        try:
+            project_id = uuid.UUID(str(data["project_id"]))
+        except ValueError:
+            raise ReportError(f"the import's project_id {quoted(data['project_id'])} is not a UUID") from None
+        if session.get(Project, project_id) is None:
+            raise ReportError(f"the import's project {project_id} does not exist")
+    metadata = data.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise ReportError("the import's metadata must be a JSON object")
+    source = data.get("source")
+    return Upload(
+        import_id=record.id,
+        project_id=project_id,
+        source=source if isinstance(source, str) and source else None,
+        metadata=metadata,
+        created=record.created,
+    )
+
+
+def content_chunks(engine: Engine, import_file_id: uuid.UUID, length: int) -> Iterator[bytes]:
+    """The stored report in CHUNK_SIZE slices, so the whole file is never in memory at once.
+
+    Read on a connection of its own: the import's connection is busy streaming a COPY while
+    the reader asks for the next slice. The stored bytes never change, so no snapshot is shared.
+    """
+    with engine.connect() as connection:
+        for offset in range(0, length, CHUNK_SIZE):
+            chunk = connection.scalar(
+                select(func.substr(ImportFile.content, offset + 1, CHUNK_SIZE)).where(
+                    ImportFile.id == import_file_id
+                )
+            )
+            yield bytes(chunk or b"")
+
+
+def _prepend(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
+    yield first
+    yield from rest
+
+
+def _mark_done(session: Session, record: Import, fmt: str, landed: Landed, file_id: uuid.UUID) -> None:
+    data = {key: value for key, value in (record.data or {}).items() if key != "error"}
+    record.format = fmt
+    record.status = ImportStatus.DONE
+    record.data = {
+        **data,
+        "run_id": [str(landed.run_id)],
+        "result_count": landed.results,
+        "finished": utcnow().isoformat(),
+    }
+    # The report has served its purpose; keep the row, drop the bytes.
+    session.execute(update(ImportFile).where(ImportFile.id == file_id).values(content=None))
+
+
+def mark_error(session: Session, import_id: uuid.UUID, message: str, fmt: str | None = None) -> bool:
+    """Record that an import failed, with a reason the uploader can act on; an import that is
+    done stays done. True when the import was marked."""
+    record = session.get(Import, import_id, with_for_update=True, populate_existing=True)
+    if record is None or record.status == ImportStatus.DONE:
+        return False
+    record.status = ImportStatus.ERROR
+    if fmt and fmt != "unknown":
+        record.format = fmt
+    record.data = {**(record.data or {}), "error": message, "finished": utcnow().isoformat()}
+    return True

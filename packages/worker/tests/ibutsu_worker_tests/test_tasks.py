@@ -1,0 +1,174 @@
+"""Every task by its wire name, called with apply() in the test's process on a real
+PostgreSQL database; follow-ups go to the real Redis. Argument shapes are upstream's."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from ibutsu_server import task_names
+from ibutsu_server.db.models import Import, ImportFile, Project, Result, Run, User, utcnow
+from ibutsu_server.db.schema import users_projects
+from ibutsu_testing.services import REDIS_URL
+from ibutsu_worker_tests.builders import add_project, add_run
+
+
+def call(app: Celery, name: str, *args: Any, **kwargs: Any) -> Any:
+    """Run task ``name`` here and now; its exception, if any, is raised."""
+    return app.tasks[name].apply(args=args, kwargs=kwargs).get()
+
+
+def sent(app: Celery) -> list[dict[str, Any]]:
+    """The messages waiting in the worker's queue, oldest first: task, args, eta."""
+    client = redis.Redis.from_url(REDIS_URL)
+    prefix = app.conf.broker_transport_options.get("global_keyprefix", "")
+    raw = client.lrange(f"{prefix}celery", 0, -1)
+    client.close()
+    messages = []
+    for item in reversed(raw):
+        message = json.loads(item)
+        body = json.loads(__import__("base64").b64decode(message["body"]))
+        headers = message["headers"]
+        messages.append({"task": headers["task"], "args": body[0], "eta": headers.get("eta")})
+    return messages
+
+
+def test_every_upstream_name_is_registered(worker_app: Celery) -> None:
+    assert task_names.UPSTREAM <= set(worker_app.tasks)
+    assert task_names.IMPORT_RESULTS in worker_app.tasks
+
+
+def test_update_run_by_keyword(worker_app: Celery, app_session: Session) -> None:
+    run_id = add_run(app_session, ["passed", "failed", "passed"])
+    call(worker_app, task_names.UPDATE_RUN, run_id=str(run_id))  # the admin page's form
+    summary = app_session.scalar(select(Run.summary).where(Run.id == run_id))
+    assert summary is not None and (summary["tests"], summary["passes"]) == (3, 2)
+    assert summary["pass_percent"] == 66
+
+
+def test_update_run_of_nothing(worker_app: Celery) -> None:
+    assert call(worker_app, task_names.UPDATE_RUN, str(uuid.uuid4())) is None
+    assert call(worker_app, task_names.UPDATE_RUN, "not-a-run") is None
+
+
+def test_sync_aborted_runs_sends_update_run_in_five_seconds(
+    worker_app: Celery, app_session: Session
+) -> None:
+    stale = add_run(app_session, ["passed"] * 4, summary={"tests": 1})
+    fine = add_run(app_session, ["passed"])
+    call(worker_app, task_names.UPDATE_RUN, str(fine))
+    assert call(worker_app, task_names.SYNC_ABORTED_RUNS) == 1  # upstream sends no argument
+    (message,) = sent(worker_app)
+    assert (message["task"], message["args"]) == (task_names.UPDATE_RUN, [str(stale)])
+    assert message["eta"] is not None  # countdown=5, as upstream sends it
+
+
+def test_prune_tasks_by_keyword_report_what_went(worker_app: Celery, app_session: Session) -> None:
+    old = add_run(app_session, ["passed"] * 3, start=utcnow() - timedelta(days=500))
+    kept = add_run(app_session, ["passed"], start=utcnow() - timedelta(days=2))
+    report = call(worker_app, task_names.PRUNE_OLD_RUNS, months=12)
+    assert report["deleted"] == {"results": 3, "runs": 1}
+    assert app_session.get(Run, old) is None and app_session.get(Run, kept) is not None
+    assert call(worker_app, task_names.PRUNE_OLD_RESULTS, 5)["deleted"] == {}
+    assert call(worker_app, task_names.PRUNE_OLD_FILES, months=3)["deleted"] == {}
+    assert call(worker_app, task_names.PRUNE_OLD_IMPORT_FILES, days=7)["deleted"] == {}
+
+
+def test_dangerous_retention_fails_loudly_without_retry(
+    worker_app: Celery, app_session: Session
+) -> None:
+    add_run(app_session, ["passed"] * 2, start=utcnow() - timedelta(days=90))
+    outcome = worker_app.tasks[task_names.PRUNE_OLD_RESULTS].apply(args=[0])
+    assert outcome.state == "FAILURE" and "refusing to prune results" in str(outcome.result)
+    assert app_session.scalar(select(func.count()).select_from(Result)) == 2
+
+
+def test_add_result_start_time_copies_the_old_field(
+    worker_app: Celery, app_session: Session
+) -> None:
+    run_id = add_run(
+        app_session, ["passed"] * 2, result_fields={"data": {"starttime": "2020-01-01T00:00"}}
+    )
+    assert call(worker_app, task_names.ADD_RESULT_START_TIME, run_id=str(run_id)) == 2
+    data = app_session.scalars(select(Result.data).where(Result.run_id == run_id)).all()
+    assert all(d is not None and d["start_time"] == "2020-01-01T00:00" for d in data)
+    assert call(worker_app, task_names.ADD_RESULT_START_TIME, str(run_id)) == 0
+
+
+def _stored_import(session: Session, status: str, content: bytes | None) -> uuid.UUID:
+    record = Import(id=uuid.uuid4(), filename="r.xml", format="", status=status, data={})
+    session.add(record)
+    session.flush()
+    session.add(ImportFile(id=uuid.uuid4(), import_id=record.id, content=content))
+    session.commit()
+    return record.id
+
+
+def test_clear_import_file_content_as_upstream(worker_app: Celery, app_session: Session) -> None:
+    done = _stored_import(app_session, "done", b"<testsuite/>")
+    running = _stored_import(app_session, "running", b"<testsuite/>")
+    clear = worker_app.tasks[task_names.CLEAR_IMPORT_FILE_CONTENT]
+    assert clear.apply(args=[str(done)]).get() == (
+        f"Cleared 12 bytes from import_file for import {done}"
+    )
+    assert clear.apply(args=[str(done)]).get() == f"No content to clear for import {done}"
+    assert clear.apply(args=[str(running)]).get() == (
+        f"Import {running} status is running, not clearing content"
+    )
+    missing = uuid.uuid4()
+    assert clear.apply(kwargs={"import_id": str(missing)}).get() == f"Import {missing} not found"
+    app_session.expire_all()
+    stored = app_session.scalar(select(ImportFile.content).where(ImportFile.import_id == running))
+    assert stored == b"<testsuite/>"
+
+
+def test_seed_users_as_upstream(worker_app: Celery, app_session: Session) -> None:
+    project_id = add_project(app_session, "my-project")
+    projects = {
+        "my-project": {"owner": "jdoe@example.com", "users": ["jdoe@example.com", "nf@example.com"]},
+        "not-here": {"users": ["x@example.com"]},
+    }
+    report = call(worker_app, task_names.SEED_USERS, projects=projects)
+    assert report["users_created"] == ["jdoe@example.com", "nf@example.com"]
+    assert report["projects_missing"] == ["not-here"]
+    assert call(worker_app, task_names.SEED_USERS, projects=projects)["memberships_added"] == 0
+    users = dict(app_session.execute(select(User.email, User.name)).all())
+    assert users == {"jdoe@example.com": "jdoe", "nf@example.com": "nf"}
+    owner = app_session.scalar(select(Project.owner_id).where(Project.id == project_id))
+    members = app_session.scalar(select(func.count()).select_from(users_projects))
+    assert owner is not None and members == 2
+    refused = worker_app.tasks[task_names.SEED_USERS].apply(kwargs={"projects": ["nope"]})
+    assert refused.state == "FAILURE" and "must map project names" in str(refused.result)
+
+
+@pytest.mark.parametrize("name", [task_names.RUN_JUNIT_IMPORT, task_names.RUN_ARCHIVE_IMPORT])
+def test_import_tasks_take_the_api_record_by_position_or_keyword(
+    worker_app: Celery, app_session: Session, name: str
+) -> None:
+    report = b'<testsuite name="s"><testcase classname="m" name="t"/></testsuite>'
+    by_position, by_keyword = (_stored_import(app_session, "pending", report) for _ in range(2))
+    record = {"id": str(by_position), "filename": "r.xml", "format": "", "status": "pending"}
+    call(worker_app, name, {**record, "created": utcnow()})
+    call(worker_app, name, import_={**record, "id": str(by_keyword)})
+    statuses = app_session.scalars(select(Import.status)).all()
+    assert statuses == ["done", "done"]
+
+
+def test_import_results_takes_an_import_or_file_id(
+    worker_app: Celery, app_session: Session
+) -> None:
+    report = b'<testsuite name="s"><testcase classname="m" name="t"/></testsuite>'
+    first = _stored_import(app_session, "pending", report)
+    second = _stored_import(app_session, "pending", report)
+    file_id = app_session.scalar(select(ImportFile.id).where(ImportFile.import_id == second))
+    call(worker_app, task_names.IMPORT_RESULTS, str(first))
+    call(worker_app, task_names.IMPORT_RESULTS, file_id=str(file_id))
+    assert app_session.scalars(select(Import.status)).all() == ["done", "done"]
