@@ -4,7 +4,6 @@ as rows in the importer's COPY format, and as bulk-loadable runs, results and ar
 from __future__ import annotations
 
 import itertools
-import json
 import random
 import time
 import uuid
@@ -20,7 +19,8 @@ from sqlalchemy import Engine, text
 
 from ibutsu_benchmarks.common import say
 from ibutsu_server.db.models import utcnow
-from ibutsu_worker.importing.store import COLUMNS as RESULT_COLUMNS
+from ibutsu_worker.importing.copy import copy_line
+from ibutsu_worker.importing.landing import ARTIFACT_COLUMNS, RESULT_COLUMNS
 
 SUITES = 10
 HOSTNAME = "ci-runner-07"
@@ -66,22 +66,30 @@ class Case:
     detail: str | None = None  # the traceback, or the skip details
     system_out: str | None = None
 
-    def metadata(self) -> dict[str, Any]:
-        """The ``data`` the JUnit importer stores for this case."""
-        data: dict[str, Any] = {
-            "classname": self.classname,
-            "file": self.file,
-            "line": str(self.line),
-            "suite": self.suite,
-            "hostname": HOSTNAME,
-        }
+    @property
+    def test_id(self) -> str:
+        """The ``test_id`` the JUnit importer builds, as upstream builds it."""
+        return f"{self.classname.split('.')[-1]}.{self.name}"
+
+    def metadata(self, run_id: uuid.UUID) -> dict[str, Any]:
+        """The ``data`` the JUnit importer stores for this case (upstream's layout)."""
+        data: dict[str, Any] = {"run": str(run_id), "fspath": self.file, "line": str(self.line)}
         if self.outcome in ("failed", "error"):
-            data.update(message=self.message, type=_error_type(self.outcome), short_tb=self.detail)
-        elif self.outcome in ("skipped", "xfailed"):
-            data.update(skip_reason=self.message, skip_details=self.detail)
-        if self.system_out:
-            data["system_out"] = self.system_out
+            data.update(short_tb=self.message, exception_name=_error_type(self.outcome))
+        elif self.outcome == "skipped":
+            data["skip_reason"] = self.detail
+        elif self.outcome == "xfailed":
+            data["xfail_reason"] = self.message
         return data
+
+    def artifacts(self) -> list[tuple[str, bytes]]:
+        """The artifacts the JUnit importer stores for this case: its traceback and output."""
+        found = []
+        if self.outcome in ("failed", "error") and self.detail:
+            found.append(("traceback.log", self.detail.encode()))
+        if self.system_out:
+            found.append(("system-out.log", self.system_out.encode()))
+        return found
 
 
 def _error_type(outcome: str) -> str:
@@ -214,43 +222,36 @@ def result_row(
     new id; ``start_time`` overrides the suite's timestamp."""
     row = {
         "id": uuid.uuid4(),
-        "run_id": run_id,
         "project_id": project_id,
-        "test_id": case.name,
+        "run_id": run_id,
+        "test_id": case.test_id,
         "result": case.outcome,
-        "start_time": start_time or case.timestamp,
-        "duration": case.time,
-        "component": None,
-        "env": None,
-        "source": None,
+        "data": case.metadata(run_id),
         "params": {},
-        "data": case.metadata(),
+        "duration": case.time,
+        "start_time": start_time or case.timestamp,
+        "source": case.suite,
+        "env": None,
+        "component": None,
     }
     return tuple(row[column] for column in RESULT_COLUMNS)
 
 
-def copy_line(values: Sequence[Any]) -> str:
-    """One row in COPY's text format."""
-    return "\t".join(_copy_field(value) for value in values) + "\n"
-
-
-def _copy_field(value: Any) -> str:
-    if value is None:
-        return "\\N"
-    if isinstance(value, dict):
-        value = json.dumps(value, separators=(",", ":"))
-    elif isinstance(value, datetime):
-        value = value.isoformat()
-    elif isinstance(value, bytes):
-        value = "\\x" + value.hex()  # bytea's hex input; the backslash is escaped below
-    # Chained replace: several times faster than str.translate with a mapping.
-    return (
-        str(value)
-        .replace("\\", "\\\\")
-        .replace("\t", "\\t")
-        .replace("\n", "\\n")
-        .replace("\r", "\\r")
-    )
+def artifact_rows(case: Case, result_id: uuid.UUID, uploaded: datetime) -> list[tuple[Any, ...]]:
+    """The ``artifacts`` rows the importer writes for ``case``, in its COPY column order."""
+    rows = []
+    for filename, content in case.artifacts():
+        row = {
+            "id": uuid.uuid4(),
+            "content": content,
+            "result_id": result_id,
+            "run_id": None,
+            "filename": filename,
+            "data": {"contentType": "text/plain", "resultId": str(result_id)},
+            "upload_date": uploaded,
+        }
+        rows.append(tuple(row[column] for column in ARTIFACT_COLUMNS))
+    return rows
 
 
 def copy_in(engine: Engine, table: str, columns: Sequence[str], source: IO[str]) -> None:

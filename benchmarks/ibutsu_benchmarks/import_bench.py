@@ -28,6 +28,7 @@ from ibutsu_benchmarks.common import (
 )
 from ibutsu_benchmarks.data import (
     PROJECT,
+    artifact_rows,
     cases,
     copy_in,
     copy_line,
@@ -36,8 +37,8 @@ from ibutsu_benchmarks.data import (
 )
 from ibutsu_server.db.models import Import, ImportStatus, Project, Run, utcnow
 from ibutsu_testing.services import running_worker, wait_for
-from ibutsu_worker.cli import Operator
-from ibutsu_worker.importing.store import COLUMNS
+from ibutsu_worker.importing.landing import ARTIFACT_COLUMNS, RESULT_COLUMNS
+from ibutsu_worker.submission import Submitter
 
 NAME = "import"
 APP = "ibutsu_server:worker_app"
@@ -81,7 +82,7 @@ def run(sizes: Sizes, folder: Path) -> list[Figure]:
     copy_rates: list[float] = []
     peaks: list[float] = []
     with fresh_services(NAME) as services:
-        operator = Operator(services.settings)
+        submitter = Submitter(services.settings)
         try:
             project_id = _project(services.engine)
             with _pool_child(services, folder / "worker-1.log") as child:
@@ -90,7 +91,7 @@ def run(sizes: Sizes, folder: Path) -> list[Figure]:
                     # Interleaved, so both write into a table of about the same size.
                     seconds = _copy_baseline(services.engine, project_id, small, start)
                     copy_rates.append(small / seconds)
-                    timing = _import(operator, report, small)
+                    timing = _import(submitter, project_id, report, small)
                     import_rates.append(small / timing.total)
                     peaks.append(_status_mb(child, "VmHWM"))
                     say(
@@ -100,15 +101,15 @@ def run(sizes: Sizes, folder: Path) -> list[Figure]:
                     )
             with _pool_child(services, folder / "worker-2.log") as child:
                 big_idle = _idle_mb(child)
-                big_timing = _import(operator, big_report, large)
+                big_timing = _import(submitter, project_id, big_report, large)
                 big_peak = _status_mb(child, "VmHWM")
                 say(
                     f"{NAME}: {large:,} cases on a fresh worker: {big_timing.describe(large)}; "
                     f"pool child idle {big_idle:.1f} MB, peak {big_peak:.1f} MB"
                 )
         finally:
-            operator.celery.close()
-            operator.db.engine.dispose()
+            submitter.celery.close()
+            submitter.close()
 
     import_rate, copy_rate = statistics.median(import_rates), statistics.median(copy_rates)
     # Apples to apples with the bigger report: one import on a fresh worker.
@@ -158,57 +159,68 @@ def run(sizes: Sizes, folder: Path) -> list[Figure]:
 
 
 def _project(engine: Engine) -> uuid.UUID:
-    """The project both the imports and the baseline write to; the importer finds it by name."""
+    """The project both the imports and the baseline write to, as an admin creates it."""
     with Session(engine) as session:
-        project = Project(name=PROJECT, title=PROJECT)
+        project = Project(id=uuid.uuid4(), name=PROJECT, title=PROJECT)
         session.add(project)
         session.commit()
         return project.id
 
 
 def _copy_baseline(engine: Engine, project_id: uuid.UUID, count: int, start: datetime) -> float:
-    """Seconds for one plain COPY (and commit) of the rows the importer writes for the report,
-    into a run of their own; the COPY text is prepared before the clock starts."""
+    """Seconds for plain COPYs (and commits) of the rows the importer writes for the report,
+    results and their artifacts, into a run of their own; the COPY text is prepared before
+    the clock starts."""
     with Session(engine) as session:
-        run = Run(project_id=project_id)
+        run = Run(id=uuid.uuid4(), project_id=project_id, start_time=start, created=utcnow())
         session.add(run)
         session.commit()
         run_id = run.id
-    rows = "".join(
-        copy_line(result_row(case, run_id=run_id, project_id=project_id))
-        for case in cases(count, SEED, start)
-    )
+    results, artifacts = io.StringIO(), io.StringIO()
+    uploaded = utcnow()
+    for case in cases(count, SEED, start):
+        row = result_row(case, run_id=run_id, project_id=project_id)
+        results.write(copy_line(row))
+        for artifact in artifact_rows(case, row[RESULT_COLUMNS.index("id")], uploaded):
+            artifacts.write(copy_line(artifact))
+    results.seek(0)
+    artifacts.seek(0)
     started = time.perf_counter()
-    copy_in(engine, "results", COLUMNS, io.StringIO(rows))
+    copy_in(engine, "results", RESULT_COLUMNS, results)
+    copy_in(engine, "artifacts", ARTIFACT_COLUMNS, artifacts)
     return time.perf_counter() - started
 
 
-def _import(operator: Operator, report: Path, expected: int) -> Timing:
-    """Submit ``report`` and time it until Operator.wait sees it done, as an operator would
-    (at worst one poll late: conservative); the import's own timestamps split that time."""
+def _import(submitter: Submitter, project_id: uuid.UUID, report: Path, expected: int) -> Timing:
+    """Submit ``report`` as the API does and time it until Submitter.wait sees it done, as an
+    operator would (at worst one poll late: conservative); the import's own timestamps split
+    that time."""
     submitted_at = utcnow()
     started = time.perf_counter()
-    import_id = operator.submit(report, PROJECT)
+    import_id = submitter.submit(report, project_id=project_id)
     submit_seconds = time.perf_counter() - started
-    (outcome,) = operator.wait([import_id], IMPORT_TIMEOUT, None)
+    (outcome,) = submitter.wait([import_id], IMPORT_TIMEOUT)
     total = time.perf_counter() - started
-    session = operator.db.session()
+    session = submitter.db.session()
     try:
         record = session.scalars(select(Import).where(Import.id == uuid.UUID(import_id))).one()
     finally:
-        operator.db.session.remove()
-    if outcome.status != ImportStatus.DONE or record.result_count != expected:
+        submitter.db.session.remove()
+    data = record.data or {}
+    if outcome.status != ImportStatus.DONE or data.get("result_count") != expected:
         raise RuntimeError(
             f"import {import_id} of {report.name} ended {outcome.status} with "
-            f"{record.result_count} of {expected} results: {outcome.message}"
+            f"{data.get('result_count')} of {expected} results: {outcome.message}"
         )
-    assert record.started is not None
-    assert record.finished is not None
+    began, finished = (
+        datetime.fromisoformat(data["started"]),
+        datetime.fromisoformat(data["finished"]),
+    )
     return Timing(
         total=total,
         submit=submit_seconds,
-        queued=(record.started - submitted_at).total_seconds() - submit_seconds,
-        task=(record.finished - record.started).total_seconds(),
+        queued=(began - submitted_at).total_seconds() - submit_seconds,
+        task=(finished - began).total_seconds(),
     )
 
 

@@ -51,7 +51,7 @@ def run(sizes: Sizes, folder: Path) -> list[Figure]:
         session = Session(engine)
         try:
             started = time.perf_counter()
-            report = prune_results(session, RETENTION_MONTHS)
+            report = prune_results(session, session.commit, RETENTION_MONTHS)
             batched = time.perf_counter() - started
         finally:
             session.close()

@@ -29,7 +29,7 @@ from ibutsu_server.db.migrate import (
 from ibutsu_server.db.models import Result, Run, utcnow
 from ibutsu_server.db.schema import UPSTREAM_REVISION, metadata
 from ibutsu_server.settings import DatabaseSettings
-from ibutsu_testing.services import PG_HOST, PG_PORT, PG_USER, postgres_database
+from ibutsu_testing.services import PG_HOST, PG_PORT, PG_USER, postgres_database, psql
 
 UPSTREAM = Path(os.environ.get("IBUTSU_UPSTREAM_DIR", "../shared/upstream"))
 
@@ -51,19 +51,20 @@ def sqlite(tmp_path: Path) -> Iterator[Engine]:
     engine.dispose()
 
 
-def _psql(database: str, *args: str) -> str:
-    done = subprocess.run(
-        ["psql", "-h", PG_HOST, "-p", PG_PORT, "-U", PG_USER, "-d", database, "-v", "ON_ERROR_STOP=1", *args],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return done.stdout
-
-
 def _dump(database: str) -> str:
     done = subprocess.run(
-        ["pg_dump", "--schema-only", "--no-owner", "-h", PG_HOST, "-p", PG_PORT, "-U", PG_USER, database],
+        [
+            "pg_dump",
+            "--schema-only",
+            "--no-owner",
+            "-h",
+            PG_HOST,
+            "-p",
+            PG_PORT,
+            "-U",
+            PG_USER,
+            database,
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -120,8 +121,8 @@ def test_our_migration_creates_upstreams_schema_table_by_table(
 
 def test_a_database_upstream_created_is_used_as_it_is(postgres: tuple[str, Engine]) -> None:
     name, engine = postgres
-    _psql(name, "-f", str(UPSTREAM / "schema.sql"))
-    _psql(name, "-c", f"INSERT INTO alembic_version VALUES ('{UPSTREAM_REVISION}')")
+    psql(name, "-f", str(UPSTREAM / "schema.sql"))
+    psql(name, "-c", f"INSERT INTO alembic_version VALUES ('{UPSTREAM_REVISION}')")
     before = _statements(_dump(name))
     state = upgrade(engine)
     assert (state.owner, state.revision, state.ready) == (Owner.BACKEND, UPSTREAM_REVISION, True)
@@ -133,7 +134,9 @@ def test_a_database_upstream_created_is_used_as_it_is(postgres: tuple[str, Engin
         run = Run(id=uuid.uuid4(), start_time=start, created=start, summary={"tests": 0})
         session.add(run)
         session.flush()
-        session.add(Result(id=uuid.uuid4(), run_id=run.id, test_id="t", result="passed", start_time=start))
+        session.add(
+            Result(id=uuid.uuid4(), run_id=run.id, test_id="t", result="passed", start_time=start)
+        )
     with engine.connect() as connection:
         assert connection.scalar(select(Result.test_id)) == "t"
 
@@ -142,8 +145,12 @@ def test_a_backend_schema_missing_what_the_tasks_need_is_named(
     postgres: tuple[str, Engine],
 ) -> None:
     name, engine = postgres
-    _psql(name, "-f", str(UPSTREAM / "schema.sql"))
-    _psql(name, "-c", "INSERT INTO alembic_version VALUES ('cacecc4f1237'); ALTER TABLE runs DROP COLUMN summary")
+    psql(name, "-f", str(UPSTREAM / "schema.sql"))
+    psql(
+        name,
+        "-c",
+        "INSERT INTO alembic_version VALUES ('cacecc4f1237'); ALTER TABLE runs DROP COLUMN summary",
+    )
     with pytest.raises(SchemaError, match=r"revision cacecc4f1237.*lacks: runs\.summary"):
         upgrade(engine)
     with pytest.raises(SchemaError, match="upgrade Ibutsu's backend"):

@@ -47,6 +47,30 @@ def postgres_database() -> Iterator[str]:
         admin.dispose()
 
 
+def psql(database: str, *args: str) -> str:
+    """Run ``psql`` on ``database`` with ``args``, stopping at the first error; its output."""
+    done = subprocess.run(
+        [
+            "psql",
+            "-h",
+            PG_HOST,
+            "-p",
+            PG_PORT,
+            "-U",
+            PG_USER,
+            "-d",
+            database,
+            "-v",
+            "ON_ERROR_STOP=1",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout
+
+
 def service_env(database: str, key_prefix: str, **extra: str) -> dict[str, str]:
     """The environment of a worker pointed at the real services, in its own namespaces."""
     return {

@@ -214,24 +214,33 @@ def filter_clause(kind: str, filter_string: str, dialect: str) -> ColumnElement[
         present = raw[:1].lower() in ("y", "t", "1")
         return column.is_not(None) if present else column.is_(None)
     values = raw.split(";") if operator == "*" else [raw]
-    if field.partition(".")[0] in _JSON_ROOTS and f"metadata.{field.partition('.')[2]}" in ARRAY_PATHS:
-        if dialect != "postgresql":
-            raise QueryError(f"filtering on the array {field!r} needs PostgreSQL")
-        if operator == "=":
-            return column.op("@>")(func.to_jsonb(values))  # type: ignore[no-any-return]
-        if operator == "*":
-            return column.op("?|")(array(values))  # type: ignore[no-any-return]
-        raise QueryError(f"the array {field!r} takes '=' or '*' only")
+    root, _, path = field.partition(".")
+    if root in _JSON_ROOTS and f"metadata.{path}" in ARRAY_PATHS:
+        return _array_clause(field, operator, column, values, dialect)
     if operator == "~":
+        if dialect != "postgresql":
+            raise QueryError("regular expressions ('~') need PostgreSQL")
         target = cast(column, Text) if isinstance(column.type, Uuid) else column
-        regex = "~" if dialect == "postgresql" else "REGEXP"
-        return target.op(regex)(raw)  # type: ignore[no-any-return]
+        return target.op("~")(raw)
     if operator == "%":
         return cast(column, Text).ilike(f"%{raw}%", escape="\\")
     typed = [_upstream_value(column, value) for value in values]
     if operator == "*":
         return column.in_(typed)
     return _COMPARE[operator](column, typed[0])
+
+
+def _array_clause(
+    field: str, operator: str, column: ColumnElement[Any], values: list[str], dialect: str
+) -> ColumnElement[bool]:
+    """Upstream's array fields (metadata.tags...): '=' holds the value, '*' any of them."""
+    if dialect != "postgresql":
+        raise QueryError(f"filtering on the array {field!r} needs PostgreSQL")
+    if operator == "=":
+        return column.op("@>")(func.to_jsonb(values))
+    if operator == "*":
+        return column.op("?|")(array(values))
+    raise QueryError(f"the array {field!r} takes '=' or '*' only")
 
 
 def _upstream_value(column: ColumnElement[Any], value: str) -> Any:
@@ -301,7 +310,9 @@ def build_query(kind: str, project_id: uuid.UUID, filters: Sequence[Sequence[Any
         column = column_for(kind, str(field))
         if operator == "contains" and getattr(column.type, "python_type", str) is not str:
             raise QueryError(f"'contains' works on text fields only, not on {field!r}")
-        query = query.where(_OPERATORS[operator](column, _structured_value(column, operator, value)))
+        query = query.where(
+            _OPERATORS[operator](column, _structured_value(column, operator, value))
+        )
     return query
 
 
@@ -347,7 +358,9 @@ def _check_paging(page: Any, page_size: Any, maximum: int) -> None:
         raise QueryError(f"page must be 1 or more, got {page}")
 
 
-def _count(session: Session, query: Select[Any], kind: str, estimate: bool, unfiltered: bool) -> tuple[int, bool]:
+def _count(
+    session: Session, query: Select[Any], kind: str, estimate: bool, unfiltered: bool
+) -> tuple[int, bool]:
     exact = select(func.count()).select_from(query.order_by(None).subquery())
     if not estimate or session.get_bind().dialect.name != "postgresql":
         return int(session.scalar(exact) or 0), False

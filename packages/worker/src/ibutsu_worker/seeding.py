@@ -85,7 +85,9 @@ def seed_users(session: Session, projects: Any) -> SeedReport:
                 )
             ).first()
             if member is None:
-                session.execute(insert(users_projects).values(user_id=user.id, project_id=project.id))
+                session.execute(
+                    insert(users_projects).values(user_id=user.id, project_id=project.id)
+                )
                 report.memberships_added += 1
     return report
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import uuid
 from datetime import datetime
+
 from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.orm import Session
 
@@ -51,36 +52,39 @@ def update_summary(
     if run is None:
         return None
     counts: dict[str, int] = {}
-    tests, duration = 0, 0.0
+    tests, duration, first = 0, 0.0, None
     rows = session.execute(
-        select(Result.result, func.count(), func.sum(Result.duration))
+        select(Result.result, func.count(), func.sum(Result.duration), func.min(Result.start_time))
         .where(Result.run_id == run_id)
         .group_by(Result.result)
     )
-    for outcome, count, seconds in rows:
+    for outcome, count, seconds, earliest in rows:
         tests += count
         duration += seconds or 0.0
-        key = SUMMARY_COUNTERS.get(outcome)
+        first = earliest if first is None or earliest < first else first
+        key = SUMMARY_COUNTERS.get(outcome or "")
         if key:
             counts[key] = counts.get(key, 0) + count
     if collected is None:
         collected = int((run.summary or {}).get("collected") or 0)
     run.summary = build_summary(counts, tests, collected)
     run.duration = duration
-    _copy_from_first_result(session, run)
+    if first is not None:
+        _copy_from_first_result(session, run, first)
     return run.summary
 
 
-def _copy_from_first_result(session: Session, run: Run) -> None:
+def _copy_from_first_result(session: Session, run: Run, started: datetime) -> None:
     metadata = dict(run.data or {})
     wanted_keys = [key for key in METADATA_TO_COPY if not metadata.get(key)]
     wanted_columns = [column for column in COLUMNS_TO_COPY if not getattr(run, column)]
     if not wanted_keys and not wanted_columns:
         return
+    # By its start time, which the aggregate found: the start-time index finds the row at
+    # once, where ordering the run's results would read them all.
     first = session.execute(
         select(Result.data, *(getattr(Result, column) for column in wanted_columns))
-        .where(Result.run_id == run.id)
-        .order_by(Result.start_time)
+        .where(Result.run_id == run.id, Result.start_time == started)
         .limit(1)
     ).first()
     if first is None:

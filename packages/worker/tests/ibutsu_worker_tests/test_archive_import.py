@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import io
 import json
 import tarfile
 import uuid
@@ -26,6 +25,7 @@ from ibutsu_worker.importing.errors import ReportError
 from ibutsu_worker.importing.landing import Landed, Upload
 from ibutsu_worker.importing.tar_reader import MAX_EXTENDED_HEADER
 from ibutsu_worker.submission import Submitter
+from ibutsu_worker_tests.archives import Member, Sample, file, pack, sample, special
 from ibutsu_worker_tests.dbsession import migrated_session
 
 LIMITS = ImportLimits(
@@ -34,105 +34,6 @@ LIMITS = ImportLimits(
     max_archive_bytes=2_000_000,
     max_artifact_bytes=200_000,
 )
-OUTCOMES = ("passed", "failed", "skipped", "error")
-Member = tuple[tarfile.TarInfo, bytes]
-
-
-# --- archives, written the way pytest-ibutsu's archiver writes them -----------------------------
-
-
-def file(name: str, content: bytes) -> Member:
-    info = tarfile.TarInfo(name)
-    info.size = len(content)
-    info.mode = 0o644
-    return info, content
-
-
-def special(name: str, kind: bytes, linkname: str = "") -> Member:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    info.linkname = linkname
-    info.mode = 0o755
-    return info, b""
-
-
-def pack(members: Iterable[Member]) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
-        for info, content in members:
-            tar.addfile(info, io.BytesIO(content) if info.isreg() else None)
-    return out.getvalue()
-
-
-@dataclasses.dataclass
-class Sample:
-    """What a pytest-ibutsu archive holds: one run, its results and their artifacts."""
-
-    run: dict[str, Any]
-    results: list[dict[str, Any]]
-    run_artifacts: dict[str, bytes]
-    result_artifacts: dict[str, dict[str, bytes]]
-
-    @property
-    def run_id(self) -> str:
-        return str(self.run["id"])
-
-    def members(self) -> list[Member]:
-        """The members in pytest-ibutsu's order: the run, then each result and its artifacts."""
-        run_id = self.run_id
-        members = [special(run_id, tarfile.DIRTYPE)]
-        members.append(file(f"{run_id}/run.json", json.dumps(self.run).encode()))
-        members += [file(f"{run_id}/{name}", data) for name, data in self.run_artifacts.items()]
-        for result in self.results:
-            folder = f"{run_id}/{result['id']}"
-            members.append(special(folder, tarfile.DIRTYPE))
-            members.append(file(f"{folder}/result.json", json.dumps(result).encode()))
-            artifacts = self.result_artifacts.get(result["id"], {})
-            members += [file(f"{folder}/{name}", data) for name, data in artifacts.items()]
-        return members
-
-    def archive(self, extra: Iterable[Member] = ()) -> bytes:
-        return pack([*self.members(), *extra])
-
-
-def sample() -> Sample:
-    run_id = str(uuid.uuid4())
-    results: list[dict[str, Any]] = [
-        {
-            "id": str(uuid.uuid4()),
-            "test_id": f"test_{outcome}",
-            "result": outcome,
-            "run_id": run_id,
-            # Naive times are UTC; others carry their offset.
-            "start_time": f"2026-01-02T03:0{n}:00" if n % 2 else f"2026-01-02T05:0{n}:00+02:00",
-            "duration": 0.25 * (n + 1),
-            "params": {"n": n},
-            "metadata": {"node_id": f"tests/test_x.py::test_{outcome}", "run": run_id},
-            "source": "local",
-            "component": None,
-            "env": None,
-        }
-        for n, outcome in enumerate(OUTCOMES)
-    ]
-    run = {
-        "id": run_id,
-        "component": "billing",
-        "env": None,
-        "source": "jenkins",
-        "start_time": "2026-01-02T03:00:00",
-        "duration": 2.5,
-        "metadata": {"project": None, "jenkins": {"job_name": "nightly", "build_number": "7"}},
-        "summary": {"tests": 4, "failures": 1, "errors": 1, "skips": 1},
-    }
-    failed = results[1]["id"]
-    return Sample(
-        run=run,
-        results=results,
-        run_artifacts={"session.log": b"collected 4 items\n"},
-        result_artifacts={failed: {"traceback.log": b"AssertionError: 1 == 2\n"}},
-    )
-
-
 # --- a database of each dialect for the module, emptied after every test ------------------------
 
 
@@ -188,7 +89,7 @@ def counts(session: Session) -> dict[str, int]:
     }
 
 
-def artifacts(session: Session) -> dict[str, tuple[uuid.UUID | None, uuid.UUID | None, bytes]]:
+def artifacts(session: Session) -> dict[str | None, tuple[Any, ...]]:
     rows = session.execute(
         select(Artifact.filename, Artifact.run_id, Artifact.result_id, Artifact.content)
     )
@@ -244,7 +145,7 @@ def test_archive_lands_with_its_ids_and_artifacts(session: Session) -> None:
         "session.log": (run_id, None, b"collected 4 items\n"),
         "traceback.log": (None, failed, b"AssertionError: 1 == 2\n"),
     }
-    data = dict(session.execute(select(Artifact.filename, Artifact.data)).all())
+    data: dict[Any, Any] = dict(session.execute(select(Artifact.filename, Artifact.data)).all())
     assert data == {
         "session.log": {"contentType": "text/plain", "runId": str(run_id)},
         "traceback.log": {"contentType": "text/plain", "resultId": str(failed)},

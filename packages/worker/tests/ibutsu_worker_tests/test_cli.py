@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 
@@ -98,7 +99,7 @@ def test_unreachable_broker_fails_the_import_instead_of_leaving_it_pending(
     assert settings.database is not None
     engine = make_engine(settings.database)
     with engine.connect() as connection:
-        rows = connection.execute(select(Import.status, Import.data)).all()
+        rows: list[Any] = list(connection.execute(select(Import.status, Import.data)))
     engine.dispose()
     assert [(status, data["error"]) for status, data in rows] == [
         ("error", "could not be queued: the broker is unreachable")

@@ -156,7 +156,14 @@ def test_suite_level_error_without_cases_is_one_error_result() -> None:
 
 @pytest.mark.parametrize(
     ("raw", "seconds"),
-    [("1.5", 1.5), ("1,234.5", 1234.5), ("", None), ("abc", None), ("-345345", None), ("nan", None)],
+    [
+        ("1.5", 1.5),
+        ("1,234.5", 1234.5),
+        ("", None),
+        ("abc", None),
+        ("-345345", None),
+        ("nan", None),
+    ],
 )
 def test_parse_duration(raw: str, seconds: float | None) -> None:
     assert parse_duration(raw) == seconds

@@ -12,7 +12,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ibutsu_server.db.models import Project, Result, Run, utcnow
-from ibutsu_worker.querying import MAX_PAGE_SIZE, MAX_PAYLOAD_BYTES, QueryError, run_query, task_query
+from ibutsu_worker.querying import (
+    MAX_PAGE_SIZE,
+    MAX_PAYLOAD_BYTES,
+    QueryError,
+    run_query,
+    task_query,
+)
 from ibutsu_worker_tests.builders import add_project
 
 RESULT_KEYS = {
@@ -130,10 +136,11 @@ def test_upstream_json_paths_on_runs(session: Session) -> None:
 def test_bad_task_queries_are_refused_clearly(
     session: Session, arguments: dict[str, Any], message: str
 ) -> None:
-    call = {"filters": None, "page": 1, "page_size": 600, "estimate": False, "kind": "results"}
+    call: dict[str, Any] = {"filters": None, "page": 1, "page_size": 600, "estimate": False}
     call.update(arguments)
+    kind = call.pop("kind", "results")
     with pytest.raises(QueryError, match=message):
-        task_query(session, call["filters"], call["page"], call["page_size"], call["estimate"], call["kind"])
+        task_query(session, kind=kind, **call)
 
 
 def test_estimates_fall_back_to_exact_counts_when_small(session: Session) -> None:

@@ -59,7 +59,8 @@ def test_summary_as_upstream_defines_it(session: Session) -> None:
 
 
 @pytest.mark.parametrize(
-    ("passes", "tests", "percent"), [(0, 0, 0), (1, 3, 33), (2, 3, 66), (3, 3, 100), (5, 3, 100), (-1, 3, 0)]
+    ("passes", "tests", "percent"),
+    [(0, 0, 0), (1, 3, 33), (2, 3, 66), (3, 3, 100), (5, 3, 100), (-1, 3, 0)],
 )
 def test_pass_percent_is_floored_and_clamped(passes: int, tests: int, percent: int) -> None:
     assert pass_percent(passes, tests) == percent
@@ -101,7 +102,11 @@ def test_one_update_runs_one_waits_and_the_rest_are_covered(tmp_path: Path) -> N
         wait_for(lambda: late.scalar(blocked), timeout=30, interval=0.01)
         late.rollback()
         # A result lands after the waiting update asked; its own update request is covered.
-        late.add(Result(id=uuid.uuid4(), run_id=run_id, test_id="late", result="failed", start_time=utcnow()))
+        late.add(
+            Result(
+                id=uuid.uuid4(), run_id=run_id, test_id="late", result="failed", start_time=utcnow()
+            )
+        )
         late.commit()
         assert coalesced_update(late, run_id) is UpdateOutcome.COALESCED
         late.commit()

@@ -42,7 +42,7 @@ def sent(app: Celery) -> list[dict[str, Any]]:
 
 
 def test_every_upstream_name_is_registered(worker_app: Celery) -> None:
-    assert task_names.UPSTREAM <= set(worker_app.tasks)
+    assert set(worker_app.tasks) >= task_names.UPSTREAM
     assert task_names.IMPORT_RESULTS in worker_app.tasks
 
 
@@ -98,7 +98,7 @@ def test_add_result_start_time_copies_the_old_field(
         app_session, ["passed"] * 2, result_fields={"data": {"starttime": "2020-01-01T00:00"}}
     )
     assert call(worker_app, task_names.ADD_RESULT_START_TIME, run_id=str(run_id)) == 2
-    data = app_session.scalars(select(Result.data).where(Result.run_id == run_id)).all()
+    data: list[Any] = list(app_session.scalars(select(Result.data).where(Result.run_id == run_id)))
     assert all(d is not None and d["start_time"] == "2020-01-01T00:00" for d in data)
     assert call(worker_app, task_names.ADD_RESULT_START_TIME, str(run_id)) == 0
 
@@ -133,7 +133,10 @@ def test_clear_import_file_content_as_upstream(worker_app: Celery, app_session: 
 def test_seed_users_as_upstream(worker_app: Celery, app_session: Session) -> None:
     project_id = add_project(app_session, "my-project")
     projects = {
-        "my-project": {"owner": "jdoe@example.com", "users": ["jdoe@example.com", "nf@example.com"]},
+        "my-project": {
+            "owner": "jdoe@example.com",
+            "users": ["jdoe@example.com", "nf@example.com"],
+        },
         "not-here": {"users": ["x@example.com"]},
     }
     report = call(worker_app, task_names.SEED_USERS, projects=projects)

@@ -98,14 +98,19 @@ def _missing(engine: Engine) -> tuple[str, ...]:
             missing.append(name)
             continue
         columns = {column["name"] for column in inspector.get_columns(name)}
-        missing += [f"{name}.{c.name}" for c in schema.metadata.tables[name].c if c.name not in columns]
+        missing += [
+            f"{name}.{c.name}" for c in schema.metadata.tables[name].c if c.name not in columns
+        ]
     return tuple(missing)
 
 
 def inspect_schema(engine: Engine) -> SchemaState:
     """Who manages ``engine``'s schema, at which revision, and what the tasks would miss."""
     tables = set(inspect(engine).get_table_names())
-    for owner, version_table in ((Owner.BACKEND, BACKEND_VERSION_TABLE), (Owner.TASKS, VERSION_TABLE)):
+    for owner, version_table in (
+        (Owner.BACKEND, BACKEND_VERSION_TABLE),
+        (Owner.TASKS, VERSION_TABLE),
+    ):
         if version_table in tables:
             with engine.connect() as connection:
                 context = MigrationContext.configure(

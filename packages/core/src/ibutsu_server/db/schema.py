@@ -191,7 +191,9 @@ results = Table(
     _pg_index("ix_results_exception_name", "(data ->> 'exception_name')"),
     _pg_index("ix_results_jenkins_build_number", "((data -> 'jenkins') ->> 'build_number')"),
     _pg_index("ix_results_jenkins_job_name", "((data -> 'jenkins') ->> 'job_name')"),
-    _pg_index("ix_results_component_env_project", "component", "env", "project_id", "start_time DESC"),
+    _pg_index(
+        "ix_results_component_env_project", "component", "env", "project_id", "start_time DESC"
+    ),
     _pg_index(
         "ix_results_component_start_time_result_project_id",
         "component",

@@ -40,64 +40,86 @@ _OUTCOMES = frozenset(outcome.value for outcome in ResultOutcome)
 def archive_records(chunks: Iterator[bytes], limits: ImportLimits) -> Iterator[Record]:
     """The records of a pytest-ibutsu archive, in archive order; ReportError for anything that
     is not a safe, well-formed archive."""
-    run_id: uuid.UUID | None = None
-    has_run = False
-    results: set[uuid.UUID] = set()
-    owners: dict[uuid.UUID, str] = {}  # result folders that hold artifacts -> one member name
+    layout = _Layout(limits)
     for member in members(chunks, limits):
+        record = layout.record(member)
+        if record is not None:
+            yield record
+    layout.check_complete()
+
+
+class _Layout:
+    """Where each member sits in the archive's layout, checked as members stream past."""
+
+    def __init__(self, limits: ImportLimits) -> None:
+        self.limits = limits
+        self.run_id: uuid.UUID | None = None
+        self.has_run = False
+        self.results: set[uuid.UUID] = set()
+        self.owners: dict[uuid.UUID, str] = {}  # result folders holding artifacts -> a member
+
+    def record(self, member: Member) -> Record | None:
+        """The member's record; None for folders."""
         if not member.parts:
-            continue
+            return None
+        run_id = self._run_folder(member)
+        if member.is_dir:
+            return None
+        if len(member.parts) < 2:
+            raise ReportError(
+                f"refused {quoted(member.name)}: a file outside the run folder ({LAYOUT})"
+            )
+        if member.parts[1:] == ("run.json",):
+            if self.has_run:
+                raise ReportError(f"{quoted(member.name)}: the archive holds run.json twice")
+            self.has_run = True
+            return _run(run_id, member.name, _document(member))
+        if len(member.parts) == 2:
+            return _artifact(member, member.parts[1], None)
+        result_id = _uuid(member.parts[1])
+        if result_id is None:
+            raise ReportError(
+                f"refused {quoted(member.name)}: {quoted(member.parts[1])} is not a result "
+                "folder (named after the result's UUID)"
+            )
+        filename = "/".join(member.parts[2:])
+        if filename != "result.json":
+            self.owners.setdefault(result_id, member.name)
+            return _artifact(member, filename, result_id)
+        self.results.add(result_id)
+        if len(self.results) > self.limits.max_results:
+            raise ReportError(
+                f"too many results: the limit is {self.limits.max_results} per import "
+                "(IBUTSU_IMPORT_MAX_RESULTS)"
+            )
+        return _result(run_id, result_id, member.name, _document(member))
+
+    def _run_folder(self, member: Member) -> uuid.UUID:
         folder = _uuid(member.parts[0])
         if folder is None:
             raise ReportError(
                 f"refused {quoted(member.name)}: the archive's top folder must be named after "
                 "its run's UUID"
             )
-        if run_id is None:
-            run_id = folder
-        elif folder != run_id:
+        if self.run_id is None:
+            self.run_id = folder
+        elif folder != self.run_id:
             raise ReportError(
                 f"refused {quoted(member.name)}: a second run folder; an Ibutsu archive holds "
-                f"exactly one run ({run_id})"
+                f"exactly one run ({self.run_id})"
             )
-        if member.is_dir:
-            continue
-        if len(member.parts) < 2:
-            raise ReportError(f"refused {quoted(member.name)}: a file outside the run folder ({LAYOUT})")
-        if member.parts[1:] == ("run.json",):
-            if has_run:
-                raise ReportError(f"{quoted(member.name)}: the archive holds run.json twice")
-            has_run = True
-            yield _run(run_id, member.name, _document(member))
-        elif len(member.parts) == 2:
-            yield _artifact(member, member.parts[1], None)
-        else:
-            result_id = _uuid(member.parts[1])
-            if result_id is None:
+        return folder
+
+    def check_complete(self) -> None:
+        """ReportError unless the archive had its run.json and a result for every artifact."""
+        if not self.has_run:
+            raise ReportError(f"not an Ibutsu archive: there is no <run-uuid>/run.json ({LAYOUT})")
+        for result_id, name in self.owners.items():
+            if result_id not in self.results:
                 raise ReportError(
-                    f"refused {quoted(member.name)}: {quoted(member.parts[1])} is not a result "
-                    "folder (named after the result's UUID)"
+                    f"{quoted(name)}: its folder has no result.json, so the artifact belongs "
+                    "to no result"
                 )
-            filename = "/".join(member.parts[2:])
-            if filename == "result.json":
-                results.add(result_id)
-                if len(results) > limits.max_results:
-                    raise ReportError(
-                        f"too many results: the limit is {limits.max_results} per import "
-                        "(IBUTSU_IMPORT_MAX_RESULTS)"
-                    )
-                yield _result(run_id, result_id, member.name, _document(member))
-            else:
-                owners.setdefault(result_id, member.name)
-                yield _artifact(member, filename, result_id)
-    if not has_run or run_id is None:
-        raise ReportError(f"not an Ibutsu archive: there is no <run-uuid>/run.json ({LAYOUT})")
-    for result_id, name in owners.items():
-        if result_id not in results:
-            raise ReportError(
-                f"{quoted(name)}: its folder has no result.json, so the artifact belongs to "
-                "no result"
-            )
 
 
 def _uuid(value: str) -> uuid.UUID | None:
@@ -230,7 +252,9 @@ def _run(run_id: uuid.UUID, name: str, doc: dict[str, Any]) -> RunRecord:
     if collected is not None and (
         isinstance(collected, bool) or not isinstance(collected, int) or collected < 0
     ):
-        raise ReportError(f"{where}: summary.collected must be a whole number, not {quoted(collected)}")
+        raise ReportError(
+            f"{where}: summary.collected must be a whole number, not {quoted(collected)}"
+        )
     project = doc.get("project_id") or metadata.get("project")
     return RunRecord(
         id=run_id,
@@ -245,7 +269,9 @@ def _run(run_id: uuid.UUID, name: str, doc: dict[str, Any]) -> RunRecord:
     )
 
 
-def _result(run_id: uuid.UUID, result_id: uuid.UUID, name: str, doc: dict[str, Any]) -> ResultRecord:
+def _result(
+    run_id: uuid.UUID, result_id: uuid.UUID, name: str, doc: dict[str, Any]
+) -> ResultRecord:
     where = quoted(name)
     _check_id(doc, "id", result_id, where)
     _check_id(doc, "run_id", run_id, where)

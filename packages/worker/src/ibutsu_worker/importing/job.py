@@ -104,7 +104,9 @@ def run(task: IbutsuTask, import_id: uuid.UUID, limits: ImportLimits) -> Outcome
         chunks = content_chunks(session.get_bind().engine, file_id, length)
         head = next(chunks, b"")
         fmt = detect_format(head)
-        landed = land(session, _upload(session, record), READERS[fmt](_prepend(head, chunks), limits))
+        landed = land(
+            session, _upload(session, record), READERS[fmt](_prepend(head, chunks), limits)
+        )
         savepoint.commit()
     except ReportError as exc:
         savepoint.rollback()
@@ -133,7 +135,9 @@ def find_import(session: Session, file_id: uuid.UUID) -> uuid.UUID | None:
     return session.scalar(select(ImportFile.import_id).where(ImportFile.id == file_id))
 
 
-def _stored_file(session: Session, import_id: uuid.UUID, limits: ImportLimits) -> tuple[uuid.UUID, int]:
+def _stored_file(
+    session: Session, import_id: uuid.UUID, limits: ImportLimits
+) -> tuple[uuid.UUID, int]:
     stored = session.execute(
         select(ImportFile.id, func.length(ImportFile.content))
         .where(ImportFile.import_id == import_id, ImportFile.content.is_not(None))
@@ -158,7 +162,9 @@ def _upload(session: Session, record: Import) -> Upload:
         try:
             project_id = uuid.UUID(str(data["project_id"]))
         except ValueError:
-            raise ReportError(f"the import's project_id {quoted(data['project_id'])} is not a UUID") from None
+            raise ReportError(
+                f"the import's project_id {quoted(data['project_id'])} is not a UUID"
+            ) from None
         if session.get(Project, project_id) is None:
             raise ReportError(f"the import's project {project_id} does not exist")
     metadata = data.get("metadata") or {}
@@ -195,7 +201,9 @@ def _prepend(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
     yield from rest
 
 
-def _mark_done(session: Session, record: Import, fmt: str, landed: Landed, file_id: uuid.UUID) -> None:
+def _mark_done(
+    session: Session, record: Import, fmt: str, landed: Landed, file_id: uuid.UUID
+) -> None:
     data = {key: value for key, value in (record.data or {}).items() if key != "error"}
     record.format = fmt
     record.status = ImportStatus.DONE
@@ -209,7 +217,9 @@ def _mark_done(session: Session, record: Import, fmt: str, landed: Landed, file_
     session.execute(update(ImportFile).where(ImportFile.id == file_id).values(content=None))
 
 
-def mark_error(session: Session, import_id: uuid.UUID, message: str, fmt: str | None = None) -> bool:
+def mark_error(
+    session: Session, import_id: uuid.UUID, message: str, fmt: str | None = None
+) -> bool:
     """Record that an import failed, with a reason the uploader can act on; an import that is
     done stays done. True when the import was marked."""
     record = session.get(Import, import_id, with_for_update=True, populate_existing=True)

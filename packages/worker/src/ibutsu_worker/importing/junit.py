@@ -229,7 +229,9 @@ class JUnitReader:
         else:
             target = self._root_properties
         if key not in target and len(target) >= MAX_PROPERTIES:
-            raise ReportError(f"refused: more than {MAX_PROPERTIES} <property> elements in one place")
+            raise ReportError(
+                f"refused: more than {MAX_PROPERTIES} <property> elements in one place"
+            )
         target[key] = value
         if len(self._parents) == 3 and self._case is None and len(self._suites) == 1:
             # A <testsuite> root's own properties describe the run, as upstream reads them.

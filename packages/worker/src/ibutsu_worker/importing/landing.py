@@ -38,7 +38,7 @@ BATCH_BYTES = 16 * 1024 * 1024
 ARTIFACT_BATCH_BYTES = 8 * 1024 * 1024
 ARTIFACT_BATCH_ROWS = 500
 # Each spool keeps this much in memory, the rest in a temporary file.
-SPOOL_MEMORY = 8 * 1024 * 1024
+SPOOL_MEMORY = 2 * 1024 * 1024
 # results.source, env and component are indexed, alone and together: names are cut to fit.
 MAX_NAME = 255
 # results.test_id is indexed; a B-tree entry holds about 2.7 kB. Longer ids are stored as a

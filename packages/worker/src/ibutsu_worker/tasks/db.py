@@ -72,9 +72,7 @@ def clear_import_file_content(self: IbutsuTask, import_id: str) -> str:
     )
     if not size:
         return f"No content to clear for import {key}"
-    self.session.execute(
-        update(ImportFile).where(ImportFile.import_id == key).values(content=None)
-    )
+    self.session.execute(update(ImportFile).where(ImportFile.import_id == key).values(content=None))
     return f"Cleared {size} bytes from import_file for import {key}"
 
 
