@@ -31,12 +31,12 @@ from ibutsu_benchmarks.data import (
     artifact_rows,
     cases,
     copy_in,
-    copy_line,
     result_row,
     write_junit,
 )
 from ibutsu_server.db.models import Import, ImportStatus, Project, Run, utcnow
 from ibutsu_testing.services import running_worker, wait_for
+from ibutsu_worker.importing.copy import copy_line
 from ibutsu_worker.importing.landing import ARTIFACT_COLUMNS, RESULT_COLUMNS
 from ibutsu_worker.submission import Submitter
 

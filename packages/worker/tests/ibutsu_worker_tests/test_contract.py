@@ -254,7 +254,7 @@ def _acceptance_archive(run_id: str) -> Sample:
         "metadata": {"component": "login", "env": "ci", "project": "acceptance"},
         "summary": {"collected": 8, "tests": 8},
     }
-    failed = results[3]["id"]
+    failed = str(results[3]["id"])
     return Sample(run, results, {"session.log": b"8 collected"}, {failed: {"traceback.log": b"E"}})
 
 
