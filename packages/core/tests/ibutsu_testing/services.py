@@ -108,9 +108,7 @@ def clean_environ(**extra: str) -> dict[str, str]:
     return env
 
 
-def wait_for(
-    predicate: Callable[[], T | None], timeout: float = 60.0, interval: float = 0.1
-) -> T:
+def wait_for(predicate: Callable[[], T | None], timeout: float = 60.0, interval: float = 0.1) -> T:
     """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:

@@ -14,10 +14,10 @@ from ibutsu_server.ibutsu_task import IbutsuTask
 
 
 @shared_task(bind=True, name=task_names.ADD_RESULT_START_TIME)
-def add_result_start_time(self: IbutsuTask, run_id: str) -> int:
+def add_result_start_time(self: IbutsuTask, run_id: str) -> dict[str, int]:
     """Give the run's results whose metadata has an old-style ``starttime`` but no
-    ``start_time`` a ``start_time`` copied from it, as upstream's task means to. Returns how
-    many results changed."""
+    ``start_time`` a ``start_time`` copied from it, as upstream's task means to. Returns
+    ``{"updated": n}`` (a dict, as the API's task view needs)."""
     key = uuid.UUID(str(run_id))
     data = Result.data
     if self.session.get_bind().dialect.name == "postgresql":
@@ -36,4 +36,4 @@ def add_result_start_time(self: IbutsuTask, run_id: str) -> int:
         .values(data=fixed)
         .execution_options(synchronize_session=False)
     )
-    return int(done.rowcount)
+    return {"updated": int(done.rowcount)}

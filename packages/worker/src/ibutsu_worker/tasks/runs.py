@@ -35,11 +35,12 @@ def update_run(self: IbutsuTask, run_id: str) -> None:
 
 
 @shared_task(bind=True, name=task_names.SYNC_ABORTED_RUNS)
-def sync_aborted_runs(self: IbutsuTask, hours: int = 24) -> int:
+def sync_aborted_runs(self: IbutsuTask, hours: int = 24) -> dict[str, int]:
     """Enqueue ``update_run`` (in 5 s, as upstream) for each run started in the last ``hours``
-    whose summary disagrees with its results. Returns how many were enqueued."""
+    whose summary disagrees with its results. Returns ``{"enqueued": n}``: a dict, which the
+    API's ``GET /api/task/{id}`` merges into its answer (it cannot take a bare number)."""
     stale = stale_runs(self.session, utcnow() - timedelta(hours=hours))
     for run_id in stale:
         self.send_after_commit(task_names.UPDATE_RUN, str(run_id), countdown=SYNC_COUNTDOWN)
     log.info("sync_aborted_runs: %d run(s) to update", len(stale))
-    return len(stale)
+    return {"enqueued": len(stale)}
