@@ -9,12 +9,15 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from celery.signals import after_setup_logger
 
 from ibutsu_server.settings import ConfigError, Role, Settings, load_settings, redact_url
+
+if TYPE_CHECKING:
+    from http.server import ThreadingHTTPServer
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +103,25 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+class IbutsuCelery(Celery):  # type: ignore[misc]
+    """A Celery app that carries, typed, the settings it was built from and the HTTP endpoint
+    (/metrics, /healthz, /readyz) its process serves, if any."""
+
+    def __init__(self, settings: Settings, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.settings = settings
+        self.endpoint: ThreadingHTTPServer | None = None
+
+
 def create_celery(
     settings: Settings,
     *,
+    app_class: type[IbutsuCelery] = IbutsuCelery,
     include: Iterable[str] = (),
     **kwargs: Any,
-) -> Celery:
+) -> IbutsuCelery:
     """Build a configured Celery app for ``settings`` and log where it points (redacted)."""
-    app = Celery(f"ibutsu_{settings.role.value}", include=list(include), **kwargs)
+    app = app_class(settings, f"ibutsu_{settings.role.value}", include=list(include), **kwargs)
     app.conf.update(celery_config(settings))
     level = settings.worker_loglevel.upper()
 
@@ -128,6 +142,6 @@ def create_celery(
     return app
 
 
-def create_broker_celery_app(settings: Settings | None = None) -> Celery:
+def create_broker_celery_app(settings: Settings | None = None) -> IbutsuCelery:
     """A broker-only Celery app (Flower): no Flask, no database, runs no task of its own."""
     return create_celery(settings or settings_or_exit(Role.FLOWER))

@@ -17,7 +17,7 @@ import random
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import kombu.exceptions
 import redis.exceptions
@@ -26,8 +26,11 @@ from celery.exceptions import Retry
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
-from ibutsu_server.db.engine import Database, after_commit, database
+from ibutsu_server.db.engine import Database, after_commit
 from ibutsu_server.settings import Settings
+
+if TYPE_CHECKING:
+    from ibutsu_server.app_factory import FlaskCelery
 
 log = logging.getLogger(__name__)
 # From the OS on every call: a seeded generator would repeat itself in every forked child.
@@ -69,15 +72,17 @@ class IbutsuTask(Task):  # type: ignore[misc]
     retry_backoff_base = 2.0
     retry_backoff_cap = 300.0
 
+    app: FlaskCelery
+
     @property
     def settings(self) -> Settings:
         """The settings the app was built with."""
-        settings: Settings = self.app.flask_app.config["IBUTSU_SETTINGS"]
-        return settings
+        return self.app.settings
 
     @property
     def db(self) -> Database:
-        return database(self.app.flask_app)
+        """The app's engine and session registry."""
+        return self.app.database
 
     @property
     def session(self) -> Session:

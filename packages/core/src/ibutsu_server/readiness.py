@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from celery import Celery
 from sqlalchemy import text
 
-from ibutsu_server.db.engine import database
+from ibutsu_server.app_factory import FlaskCelery
 
 PROBE_TIMEOUT_SECONDS = 3
 
 
-def readiness_check(app: Celery) -> Callable[[], str | None]:
+def readiness_check(app: FlaskCelery) -> Callable[[], str | None]:
     """A probe for ``app`` (built by create_flask_celery_app): None when the broker and the
     database answer, else which one does not. Never names hosts or credentials."""
 
@@ -23,7 +22,7 @@ def readiness_check(app: Celery) -> Callable[[], str | None]:
         except Exception:
             return "broker unreachable"
         try:
-            with database(app.flask_app).engine.connect() as connection:
+            with app.database.engine.connect() as connection:
                 connection.execute(text("SELECT 1"))
         except Exception:
             return "database unreachable"

@@ -72,14 +72,55 @@ class DatabaseSettings:
 
 
 @dataclass(frozen=True)
-class ImportLimits:
-    """Bounds on what one import may bring in; each error names the variable that sets it."""
+class Limit:
+    """One import limit: the variable that sets it, its default, and how a refusal reads."""
 
-    max_upload_bytes: int = 512 * 1024 * 1024
-    max_results: int = 2_000_000
-    max_archive_members: int = 200_000
-    max_archive_bytes: int = 2 * 1024 * 1024 * 1024
-    max_artifact_bytes: int = 64 * 1024 * 1024
+    variable: str
+    default: int
+    refusal: str  # formatted with {limit} and {found}
+
+
+#: Every import limit, by its ImportLimits field: the one place its variable and message live.
+LIMITS = {
+    "max_upload_bytes": Limit(
+        "IBUTSU_IMPORT_MAX_UPLOAD_BYTES",
+        512 * 1024 * 1024,
+        "the report is {found} bytes, over the upload limit of {limit} bytes",
+    ),
+    "max_results": Limit(
+        "IBUTSU_IMPORT_MAX_RESULTS", 2_000_000, "too many results: the limit is {limit} per import"
+    ),
+    "max_archive_members": Limit(
+        "IBUTSU_IMPORT_MAX_ARCHIVE_MEMBERS", 200_000, "the archive has more than {limit} members"
+    ),
+    "max_archive_bytes": Limit(
+        "IBUTSU_IMPORT_MAX_ARCHIVE_BYTES",
+        2 * 1024 * 1024 * 1024,
+        "the archive unpacks to more than {limit} bytes",
+    ),
+    "max_artifact_bytes": Limit(
+        "IBUTSU_IMPORT_MAX_ARTIFACT_BYTES",
+        64 * 1024 * 1024,
+        "{found} is over the limit of {limit} bytes per file",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ImportLimits:
+    """Bounds on what one import may bring in; each refusal names the variable that sets it."""
+
+    max_upload_bytes: int = LIMITS["max_upload_bytes"].default
+    max_results: int = LIMITS["max_results"].default
+    max_archive_members: int = LIMITS["max_archive_members"].default
+    max_archive_bytes: int = LIMITS["max_archive_bytes"].default
+    max_artifact_bytes: int = LIMITS["max_artifact_bytes"].default
+
+    def refusal(self, name: str, found: object = "") -> str:
+        """Why an input over the limit ``name`` is refused, naming the variable to change."""
+        limit = LIMITS[name]
+        text = limit.refusal.format(limit=getattr(self, name), found=found)
+        return f"{text} ({limit.variable})"
 
 
 @dataclass(frozen=True)
@@ -241,8 +282,55 @@ def _read_metrics(reader: _Reader) -> MetricsSettings | None:
     return MetricsSettings(port=port, basic_auth=reader.credentials("IBUTSU_METRICS_BASIC_AUTH"))
 
 
+def _read_import_limits(reader: _Reader) -> ImportLimits:
+    return ImportLimits(
+        **{name: reader.count(limit.variable, limit.default) for name, limit in LIMITS.items()}
+    )
+
+
+def _read_retention(reader: _Reader) -> Retention:
+    return Retention(
+        files_months=reader.count("IBUTSU_PRUNE_FILES_MONTHS", Retention.files_months),
+        results_months=reader.count("IBUTSU_PRUNE_RESULTS_MONTHS", Retention.results_months),
+        runs_months=reader.count("IBUTSU_PRUNE_RUNS_MONTHS", Retention.runs_months),
+        import_files_days=reader.count(
+            "IBUTSU_PRUNE_IMPORT_FILES_DAYS", Retention.import_files_days
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class _Execution:
+    """How a worker runs tasks: pool size, time limit, redelivery."""
+
+    concurrency: int = 1
+    time_limit: int | None = None
+    visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT
+
+
+def _read_execution(reader: _Reader) -> _Execution:
+    time_limit = reader.integer("CELERY_TASK_TIME_LIMIT", None, minimum=1)
+    visibility = reader.count(
+        "CELERY_VISIBILITY_TIMEOUT",
+        (time_limit + VISIBILITY_MARGIN) if time_limit else DEFAULT_VISIBILITY_TIMEOUT,
+    )
+    if time_limit and visibility <= time_limit:
+        reader.problems.append(
+            f"CELERY_VISIBILITY_TIMEOUT ({visibility}) must be longer than "
+            f"CELERY_TASK_TIME_LIMIT ({time_limit}), or running tasks are delivered twice"
+        )
+    return _Execution(
+        concurrency=reader.count("CELERY_WORKER_CONCURRENCY", 1),
+        time_limit=time_limit,
+        visibility_timeout=visibility,
+    )
+
+
 def load_settings(role: Role, environ: Mapping[str, str] | None = None) -> Settings:
-    """Parse and validate the environment for ``role``; raise ConfigError listing every problem."""
+    """Parse and validate the environment for ``role``; raise ConfigError listing every problem.
+
+    Each role reads only the variables it uses, so a bad worker-only value (an import limit,
+    say) never stops the scheduler or Flower."""
     env = os.environ if environ is None else environ
     reader = _Reader(env)
     embedded_dir: Path | None = None
@@ -260,53 +348,22 @@ def load_settings(role: Role, environ: Mapping[str, str] | None = None) -> Setti
         if role.needs_database:
             database = _read_database(reader)
 
-    flower_auth = reader.credentials("FLOWER_BASIC_AUTH") if role is Role.FLOWER else None
-    time_limit = reader.integer("CELERY_TASK_TIME_LIMIT", None, minimum=1)
-    visibility = reader.integer(
-        "CELERY_VISIBILITY_TIMEOUT",
-        (time_limit + VISIBILITY_MARGIN) if time_limit else DEFAULT_VISIBILITY_TIMEOUT,
-        minimum=1,
-    )
-    if time_limit and visibility and visibility <= time_limit:
-        reader.problems.append(
-            f"CELERY_VISIBILITY_TIMEOUT ({visibility}) must be longer than "
-            f"CELERY_TASK_TIME_LIMIT ({time_limit}), or running tasks are delivered twice"
-        )
     loglevel = env.get("CELERY_WORKER_LOGLEVEL", "info").strip().lower() or "info"
     if loglevel not in LOG_LEVELS:
         reader.problems.append(
             f"CELERY_WORKER_LOGLEVEL must be one of {', '.join(LOG_LEVELS)}, got {loglevel!r}"
         )
-    concurrency = reader.integer("CELERY_WORKER_CONCURRENCY", 1, minimum=1)
     expires = reader.integer("CELERY_RESULT_EXPIRES", 86400, minimum=0)
-
-    limits = ImportLimits(
-        max_upload_bytes=reader.count(
-            "IBUTSU_IMPORT_MAX_UPLOAD_BYTES", ImportLimits.max_upload_bytes
-        ),
-        max_results=reader.count("IBUTSU_IMPORT_MAX_RESULTS", ImportLimits.max_results),
-        max_archive_members=reader.count(
-            "IBUTSU_IMPORT_MAX_ARCHIVE_MEMBERS", ImportLimits.max_archive_members
-        ),
-        max_archive_bytes=reader.count(
-            "IBUTSU_IMPORT_MAX_ARCHIVE_BYTES", ImportLimits.max_archive_bytes
-        ),
-        max_artifact_bytes=reader.count(
-            "IBUTSU_IMPORT_MAX_ARTIFACT_BYTES", ImportLimits.max_artifact_bytes
-        ),
-    )
-    retention = Retention(
-        files_months=reader.count("IBUTSU_PRUNE_FILES_MONTHS", Retention.files_months),
-        results_months=reader.count("IBUTSU_PRUNE_RESULTS_MONTHS", Retention.results_months),
-        runs_months=reader.count("IBUTSU_PRUNE_RUNS_MONTHS", Retention.runs_months),
-        import_files_days=reader.count(
-            "IBUTSU_PRUNE_IMPORT_FILES_DAYS", Retention.import_files_days
-        ),
-    )
     timezone = env.get("CELERY_TIMEZONE", "").strip() or "UTC"
     if not _known_timezone(timezone):
         reader.problems.append(f"CELERY_TIMEZONE must be an IANA time zone name, got {timezone!r}")
-    metrics = _read_metrics(reader) if role is not Role.FLOWER else None
+
+    worker = role is Role.WORKER
+    execution = _read_execution(reader) if worker else _Execution()
+    limits = _read_import_limits(reader) if worker else ImportLimits()
+    retention = _read_retention(reader) if role is Role.SCHEDULER else Retention()
+    flower_auth = reader.credentials("FLOWER_BASIC_AUTH") if role is Role.FLOWER else None
+    metrics = _read_metrics(reader) if role.needs_database else None
 
     if reader.problems:
         raise ConfigError(role, reader.problems)
@@ -317,10 +374,10 @@ def load_settings(role: Role, environ: Mapping[str, str] | None = None) -> Setti
         database=database,
         embedded_dir=embedded_dir,
         flower_basic_auth=flower_auth,
-        worker_concurrency=concurrency or 1,
+        worker_concurrency=execution.concurrency,
         result_expires=86400 if expires is None else expires,
-        task_time_limit=time_limit,
-        visibility_timeout=visibility or DEFAULT_VISIBILITY_TIMEOUT,
+        task_time_limit=execution.time_limit,
+        visibility_timeout=execution.visibility_timeout,
         worker_loglevel=loglevel,
         redis_key_prefix=env.get("IBUTSU_REDIS_KEY_PREFIX", "").strip(),
         import_limits=limits,

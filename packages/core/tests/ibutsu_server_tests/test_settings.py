@@ -37,7 +37,7 @@ def test_optional_values_are_typed() -> None:
         "CELERY_TASK_TIME_LIMIT": "3600",
         "CELERY_WORKER_LOGLEVEL": "DEBUG",
     }
-    settings = load_settings(Role.SCHEDULER, env)
+    settings = load_settings(Role.WORKER, env)
     assert settings.database is not None and settings.database.port == 6543
     assert (settings.worker_concurrency, settings.result_expires) == (4, 60)
     assert settings.task_time_limit == 3600
@@ -69,6 +69,33 @@ def test_every_problem_is_listed_at_once() -> None:
         assert expected in message
     assert len(caught.value.problems) == 7
     assert message.startswith("ibutsu worker: invalid configuration")
+
+
+def test_each_role_reads_only_its_own_variables() -> None:
+    worker_only = {
+        "IBUTSU_IMPORT_MAX_RESULTS": "lots",
+        "CELERY_WORKER_CONCURRENCY": "0",
+        "CELERY_TASK_TIME_LIMIT": "soon",
+    }
+    scheduler_only = {"IBUTSU_PRUNE_RUNS_MONTHS": "forever"}
+    flower = {**BROKER, "FLOWER_BASIC_AUTH": "admin:a-long-password"}
+    load_settings(Role.FLOWER, {**flower, **worker_only, **scheduler_only})
+    load_settings(Role.SCHEDULER, {**BROKER, **DATABASE, **worker_only})
+    load_settings(Role.WORKER, {**BROKER, **DATABASE, **scheduler_only})
+    with pytest.raises(ConfigError) as caught:
+        load_settings(Role.WORKER, {**BROKER, **DATABASE, **worker_only})
+    assert len(caught.value.problems) == 3
+    assert "IBUTSU_IMPORT_MAX_RESULTS must be an integer, got 'lots'" in caught.value.problems
+
+
+def test_import_limits_name_their_variable() -> None:
+    limits = load_settings(
+        Role.WORKER, {**BROKER, **DATABASE, "IBUTSU_IMPORT_MAX_RESULTS": "10"}
+    ).import_limits
+    assert limits.max_results == 10
+    assert limits.refusal("max_results") == (
+        "too many results: the limit is 10 per import (IBUTSU_IMPORT_MAX_RESULTS)"
+    )
 
 
 def test_flower_needs_only_the_broker_and_its_credentials() -> None:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery
-
 from ibutsu_scheduler.schedule import beat_schedule
-from ibutsu_server.app_factory import create_flask_celery_app
+from ibutsu_server.app_factory import FlaskCelery, create_flask_celery_app
 from ibutsu_server.settings import Role, Settings
 
 # A beat loop never sleeps longer than this, so the lease is renewed at least this often.
@@ -19,10 +17,10 @@ LEASE_SECONDS = 20
 
 def create_scheduler_app(
     settings: Settings | None = None, schedule: dict[str, dict[str, Any]] | None = None
-) -> Celery:
+) -> FlaskCelery:
     """The beat app; ``schedule`` replaces the production schedule (tests drive time with it)."""
     app = create_flask_celery_app(Role.SCHEDULER, settings=settings)
-    settings = app.flask_app.config["IBUTSU_SETTINGS"]
+    settings = app.settings
     app.conf.beat_schedule = schedule if schedule is not None else beat_schedule(settings.retention)
     app.conf.beat_max_loop_interval = MAX_LOOP_INTERVAL
     if settings.embedded_dir is not None:

@@ -36,7 +36,7 @@ class _Exported:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        settings: Settings = self.app.flask_app.config["IBUTSU_SETTINGS"]
+        settings: Settings = self.app.settings
         # Beat also builds a lazy instance just to print its banner: that one serves nothing.
         if settings.metrics is not None and not kwargs.get("lazy"):
             endpoints = Endpoints(
@@ -44,7 +44,7 @@ class _Exported:
                 alive=lambda: None,
                 ready=readiness_check(self.app),
             )
-            self.app.ibutsu_endpoint = serve(settings.metrics, endpoints)
+            self.app.endpoint = serve(settings.metrics, endpoints)
         LEADER.set(1 if self.leads() else 0)
 
     def leads(self) -> bool:

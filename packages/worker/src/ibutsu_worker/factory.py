@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery
-
-from ibutsu_server.app_factory import create_flask_celery_app
+from ibutsu_server.app_factory import FlaskCelery, create_flask_celery_app
 from ibutsu_server.settings import Role, Settings
 
 TASK_MODULES = (
@@ -18,7 +16,7 @@ TASK_MODULES = (
 )
 
 
-def create_worker_app(settings: Settings | None = None, **kwargs: Any) -> Celery:
+def create_worker_app(settings: Settings | None = None, **kwargs: Any) -> FlaskCelery:
     """The worker's Celery app, with every task module loaded."""
     app = create_flask_celery_app(Role.WORKER, settings=settings, include=TASK_MODULES, **kwargs)
     app.loader.import_default_modules()

@@ -131,6 +131,6 @@ def install(app: Celery, settings: MetricsSettings | None) -> None:
         endpoints = Endpoints(
             metrics=lambda: metrics.render(state), alive=lambda: None, ready=readiness_check(app)
         )
-        app.ibutsu_endpoint = serve(settings, endpoints)
+        app.endpoint = serve(settings, endpoints)
 
     worker_ready.connect(start_endpoint, weak=False)

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from celery import Celery
 from sqlalchemy import select
 
 from ibutsu_server import task_names
 from ibutsu_server.app_factory import create_flask_celery_app
-from ibutsu_server.db.engine import Database, database
+from ibutsu_server.db.engine import Database
 from ibutsu_server.db.models import Import, ImportFile, ImportStatus, Project, Run, utcnow
 from ibutsu_server.settings import Role, Settings
 from ibutsu_worker.importing.job import mark_error
@@ -78,8 +77,8 @@ class Submitter:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.celery: Celery = create_flask_celery_app(Role.WORKER, settings=settings)
-        self.db: Database = database(self.celery.flask_app)
+        self.celery = create_flask_celery_app(Role.WORKER, settings=settings)
+        self.db: Database = self.celery.database
 
     def close(self) -> None:
         self.db.engine.dispose()
@@ -132,12 +131,9 @@ class Submitter:
             content = path.read_bytes()
         except OSError as exc:
             raise SubmissionError(f"cannot read {path}: {exc.strerror}") from None
-        limit = self.settings.import_limits.max_upload_bytes
-        if len(content) > limit:
-            raise SubmissionError(
-                f"{path} is {len(content)} bytes, over the upload limit of {limit} bytes "
-                "(IBUTSU_IMPORT_MAX_UPLOAD_BYTES)"
-            )
+        limits = self.settings.import_limits
+        if len(content) > limits.max_upload_bytes:
+            raise SubmissionError(f"{path}: {limits.refusal('max_upload_bytes', len(content))}")
         data: dict[str, Any] = {"metadata": metadata}
         if project_id is not None:
             data["project_id"] = str(project_id)

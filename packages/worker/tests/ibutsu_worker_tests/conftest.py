@@ -4,10 +4,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from celery import Celery
 from sqlalchemy.orm import Session
 
-from ibutsu_server.db.engine import database
+from ibutsu_server.app_factory import FlaskCelery
 from ibutsu_server.db.migrate import upgrade
 from ibutsu_testing.fixtures import service_environ
 from ibutsu_testing.services import running_worker, settings_for
@@ -36,17 +35,17 @@ def submitter(service_environ: dict[str, str], tmp_path: Path) -> Iterator[Submi
 
 
 @pytest.fixture
-def worker_app(service_environ: dict[str, str]) -> Iterator[Celery]:
+def worker_app(service_environ: dict[str, str]) -> Iterator[FlaskCelery]:
     """The worker's Celery app on a fresh PostgreSQL database and Redis namespace: tasks are
     called in the test's process with ``apply()``; what they send goes to the real Redis."""
     app = create_worker_app(settings_for(service_environ))
-    upgrade(database(app.flask_app).engine)
+    upgrade(app.database.engine)
     yield app
-    database(app.flask_app).engine.dispose()
+    app.database.engine.dispose()
 
 
 @pytest.fixture
-def app_session(worker_app: Celery) -> Iterator[Session]:
+def app_session(worker_app: FlaskCelery) -> Iterator[Session]:
     """A session of its own on ``worker_app``'s database, to arrange and inspect rows."""
-    with Session(database(worker_app.flask_app).engine, expire_on_commit=False) as session:
+    with Session(worker_app.database.engine, expire_on_commit=False) as session:
         yield session

@@ -339,7 +339,7 @@ HOSTILE: list[tuple[str, Build, dict[str, int], str]] = [
         "artifact-too-big",
         lambda a: a.archive([file(f"{a.run_id}/big.log", bytes(3000))]),
         {"max_artifact_bytes": 2000},
-        "3000 bytes, over the limit of 2000 bytes per file (IBUTSU_IMPORT_MAX_ARTIFACT_BYTES)",
+        "of 3000 bytes is over the limit of 2000 bytes per file (IBUTSU_IMPORT_MAX_ARTIFACT_BYTES)",
     ),
     (
         "too-many-results",

@@ -403,8 +403,8 @@ def test_the_admin_pages_run_task_sends_keywords(ibutsu: Ibutsu, task: str) -> N
     # The API's GET /api/task/{id} merges a result into its answer: a dict, or nothing.
     assert outcome is None or isinstance(outcome, dict)
     if stale is not None:
-        assert outcome["enqueued"] >= 1
+        assert isinstance(outcome, dict) and outcome["enqueued"] >= 1
         _wait_for_summary(ibutsu, stale, 4)  # update_run, sent with upstream's countdown
     if old_import is not None:
-        assert outcome["deleted"] == {"import_files": 1, "imports": 1}
+        assert isinstance(outcome, dict) and outcome["deleted"] == {"import_files": 1, "imports": 1}
     assert result.state == "SUCCESS"

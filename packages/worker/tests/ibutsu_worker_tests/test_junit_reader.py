@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from ibutsu_server.settings import ImportLimits
 from ibutsu_worker.importing.errors import ReportError
 from ibutsu_worker.importing.junit import MAX_DEPTH, MAX_PROPERTIES, JUnitReader, junit_test_id
 from ibutsu_worker.importing.records import Record, ResultRecord, RunRecord
@@ -20,7 +21,8 @@ MAX_TEXT = 1000
 def read(data: bytes, chunk: int = 7, max_results: int = 10_000) -> list[Record]:
     # Small chunks prove that records and text spanning chunk boundaries survive.
     pieces = (data[i : i + chunk] for i in range(0, len(data), chunk))
-    return list(JUnitReader(max_results=max_results, max_text=MAX_TEXT).records(pieces))
+    limits = ImportLimits(max_results=max_results, max_artifact_bytes=MAX_TEXT)
+    return list(JUnitReader(limits).records(pieces))
 
 
 def results(data: bytes, chunk: int = 7, **kwargs: int) -> list[ResultRecord]:
@@ -230,7 +232,7 @@ def test_properties_per_place_are_capped() -> None:
 
 
 def test_reader_yields_before_the_end_of_the_document() -> None:
-    reader = JUnitReader(max_results=100, max_text=MAX_TEXT)
+    reader = JUnitReader(ImportLimits(max_results=100))
     head = b'<testsuite name="s">' + b'<testcase name="t"/>' * 3
 
     def chunks() -> Iterator[bytes]:

@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import URL, Engine, create_engine, event
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 from ibutsu_server.settings import DatabaseSettings
-
-if TYPE_CHECKING:
-    from flask import Flask
-
-
-# Where a Flask app keeps its Database.
-EXTENSION = "ibutsu_db"
 
 # Recycle connections before common server and proxy idle timeouts drop them.
 POOL_RECYCLE_SECONDS = 1800
@@ -107,14 +100,8 @@ def make_session_factory(engine: Engine) -> scoped_session[Session]:
 
 
 class Database:
-    """The engine and the thread-scoped session registry of one Flask app."""
+    """An engine and its thread-scoped session registry."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.session: scoped_session[Session] = make_session_factory(engine)
-
-
-def database(app: Flask) -> Database:
-    """The :class:`Database` that ``create_flask_app`` stored on a Flask app."""
-    db: Database = app.extensions[EXTENSION]
-    return db

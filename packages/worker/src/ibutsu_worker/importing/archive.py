@@ -88,10 +88,7 @@ class _Layout:
             return _artifact(member, filename, result_id)
         self.results.add(result_id)
         if len(self.results) > self.limits.max_results:
-            raise ReportError(
-                f"too many results: the limit is {self.limits.max_results} per import "
-                "(IBUTSU_IMPORT_MAX_RESULTS)"
-            )
+            raise ReportError(self.limits.refusal("max_results"))
         return _result(run_id, result_id, member.name, _document(member))
 
     def _run_folder(self, member: Member) -> uuid.UUID:

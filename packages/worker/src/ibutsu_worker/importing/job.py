@@ -44,8 +44,7 @@ Reader = Callable[[Iterator[bytes], ImportLimits], Iterable[Record]]
 
 
 def _junit(chunks: Iterator[bytes], limits: ImportLimits) -> Iterable[Record]:
-    reader = JUnitReader(max_results=limits.max_results, max_text=limits.max_artifact_bytes)
-    return reader.records(chunks)
+    return JUnitReader(limits).records(chunks)
 
 
 READERS: dict[str, Reader] = {"junit": _junit, "archive": archive_records}
@@ -147,10 +146,7 @@ def _stored_file(
         raise ReportError("the uploaded file is missing: nothing was stored for this import")
     length = int(stored[1])
     if length > limits.max_upload_bytes:
-        raise ReportError(
-            f"the report is {length} bytes, over the upload limit of {limits.max_upload_bytes} "
-            "bytes (IBUTSU_IMPORT_MAX_UPLOAD_BYTES)"
-        )
+        raise ReportError(limits.refusal("max_upload_bytes", length))
     return stored[0], length
 
 

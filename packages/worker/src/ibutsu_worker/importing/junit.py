@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from ibutsu_server.db.models import ResultOutcome
+from ibutsu_server.settings import ImportLimits
 from ibutsu_worker.importing.errors import ReportError
 from ibutsu_worker.importing.records import ArtifactRecord, Record, ResultRecord, RunRecord
 from ibutsu_worker.importing.values import parse_duration, parse_timestamp
@@ -108,9 +109,10 @@ class JUnitReader:
     """Push-parses a JUnit report chunk by chunk; :meth:`records` yields one RunRecord (before
     the first result), then every ResultRecord as its case closes, in document order."""
 
-    def __init__(self, max_results: int, max_text: int) -> None:
-        self.max_results = max_results
-        self.max_text = max_text
+    def __init__(self, limits: ImportLimits) -> None:
+        self.limits = limits
+        # A failure's text or a case's output becomes an artifact: as big as one may be.
+        self.max_text = limits.max_artifact_bytes
         self.count = 0
         self._run: RunRecord | None = None
         self._root: dict[str, str] = {}
@@ -172,11 +174,8 @@ class JUnitReader:
 
     def _emit(self, result: ResultRecord) -> None:
         self.count += 1
-        if self.count > self.max_results:
-            raise ReportError(
-                f"too many results: the limit is {self.max_results} per import "
-                "(IBUTSU_IMPORT_MAX_RESULTS)"
-            )
+        if self.count > self.limits.max_results:
+            raise ReportError(self.limits.refusal("max_results"))
         self._open_run()
         self._ready.append(result)
 

@@ -44,12 +44,12 @@ _SPARSE_PAX_KEYS = ("GNU.sparse.",)
 class _Inflater(io.RawIOBase):
     """The tar stream, gunzipped on demand from the chunks; counts every byte it produces."""
 
-    def __init__(self, chunks: Iterator[bytes], limit: int) -> None:
+    def __init__(self, chunks: Iterator[bytes], limits: ImportLimits) -> None:
         super().__init__()
         self._chunks = chunks
         self._zlib = zlib.decompressobj(_GZIP_WBITS)
         self._input = b""
-        self._limit = limit
+        self._limits = limits
         self._total = 0
 
     def readable(self) -> bool:
@@ -68,11 +68,8 @@ class _Inflater(io.RawIOBase):
             self._input = self._zlib.unconsumed_tail
             if data:
                 self._total += len(data)
-                if self._total > self._limit:
-                    raise ReportError(
-                        f"the archive unpacks to more than {self._limit} bytes "
-                        "(IBUTSU_IMPORT_MAX_ARCHIVE_BYTES)"
-                    )
+                if self._total > self._limits.max_archive_bytes:
+                    raise ReportError(self._limits.refusal("max_archive_bytes"))
                 view[: len(data)] = data
                 return len(data)
             if self._zlib.eof:
@@ -133,7 +130,7 @@ def members(chunks: Iterator[bytes], limits: ImportLimits) -> Iterator[Member]:
     """The archive's members in order; ``stream`` must be read before asking for the next.
 
     Raises ReportError for anything unsafe or over a limit, naming the limit's variable."""
-    stream = _Inflater(chunks, limits.max_archive_bytes)
+    stream = _Inflater(chunks, limits)
     count = 0
     try:
         with tarfile.open(fileobj=stream, mode="r|", tarinfo=_CheckedInfo) as tar:
@@ -143,10 +140,7 @@ def members(chunks: Iterator[bytes], limits: ImportLimits) -> Iterator[Member]:
                 tar.members.clear()  # type: ignore[attr-defined]
                 count += 1
                 if count > limits.max_archive_members:
-                    raise ReportError(
-                        f"the archive has more than {limits.max_archive_members} members "
-                        "(IBUTSU_IMPORT_MAX_ARCHIVE_MEMBERS)"
-                    )
+                    raise ReportError(limits.refusal("max_archive_members"))
                 yield _checked(tar, info, limits)
         stream.drain()
     except tarfile.TarError as exc:
@@ -167,7 +161,6 @@ def _checked(tar: tarfile.TarFile, info: tarfile.TarInfo, limits: ImportLimits) 
         return Member(name, parts, True, 0, None)
     if info.size > limits.max_artifact_bytes:
         raise ReportError(
-            f"{quoted(name)} is {info.size} bytes, over the limit of "
-            f"{limits.max_artifact_bytes} bytes per file (IBUTSU_IMPORT_MAX_ARTIFACT_BYTES)"
+            limits.refusal("max_artifact_bytes", f"{quoted(name)} of {info.size} bytes")
         )
     return Member(name, parts, False, info.size, tar.extractfile(info))
