@@ -1,119 +1,109 @@
-"""IbutsuTask against a real worker process, real Redis and the real PostgreSQL."""
+"""IbutsuTask on the real PostgreSQL and Redis: tasks called with apply() in the test's
+process. One transaction per task, retries for transient failures only, follow-ups only after
+commit, named checkpoints, and a failure recorded in a transaction of its own."""
 
 from __future__ import annotations
 
-import itertools
+import base64
+import json
+import random
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
-from celery import Celery
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError, OperationalError
 
-from ibutsu_server.celery_utils import create_celery
-from ibutsu_server.db.engine import make_engine
+from ibutsu_server.app_factory import FlaskCelery, create_flask_celery_app
 from ibutsu_server.db.migrate import upgrade
 from ibutsu_server.db.models import User
 from ibutsu_server.ibutsu_task import backoff_delay, is_transient
-from ibutsu_testing.services import REDIS_URL, running_worker, settings_for, wait_for
-from ibutsu_testing.tasks_app import BACKOFF_BASE, BACKOFF_CAP
-
-APP = "ibutsu_testing.tasks_app:app"
-# Scheduling slack: the delay is measured between two attempts in a real worker.
-SLACK = 1.0
+from ibutsu_testing.services import REDIS_URL, settings_for
+from ibutsu_testing.tasks_app import BACKOFF_BASE, BACKOFF_CAP, RECORDED, register
 
 
-@pytest.fixture()
-def worker_env(service_environ: dict[str, str], tmp_path: Path) -> Iterator[dict[str, str]]:
-    settings = settings_for(service_environ)
-    assert settings.database is not None
-    engine = make_engine(settings.database)
-    upgrade(engine)
-    engine.dispose()
-    with running_worker(APP, service_environ, tmp_path / "worker.log"):
-        yield service_environ
+@pytest.fixture
+def app(service_environ: dict[str, str]) -> Iterator[FlaskCelery]:
+    app = create_flask_celery_app(settings=settings_for(service_environ))
+    register(app)
+    upgrade(app.database.engine)
+    yield app
+    app.database.engine.dispose()
 
 
-@pytest.fixture()
-def producer(worker_env: dict[str, str]) -> Celery:
-    return create_celery(settings_for(worker_env))
+def _users(app: FlaskCelery, pattern: str) -> int:
+    with app.database.engine.connect() as connection:
+        query = select(func.count()).select_from(User).where(User.email.like(f"{pattern}@%"))
+        return int(connection.scalar(query) or 0)
 
 
-@pytest.fixture()
-def store() -> redis.Redis:
-    return redis.Redis.from_url(REDIS_URL)
+def _queued(app: FlaskCelery) -> list[tuple[str, list[object]]]:
+    """(task, args) of each message waiting in the app's queue in Redis."""
+    client = redis.Redis.from_url(REDIS_URL)
+    prefix = app.conf.broker_transport_options["global_keyprefix"]
+    messages = client.lrange(f"{prefix}celery", 0, -1)
+    client.close()
+    found = []
+    for raw in messages:
+        message = json.loads(raw)
+        body = json.loads(base64.b64decode(message["body"]))
+        found.append((message["headers"]["task"], body[0]))
+    return found
 
 
-def _projects(env: dict[str, str], pattern: str) -> int:
-    settings = settings_for(env)
-    assert settings.database is not None
-    engine = make_engine(settings.database)
-    with engine.connect() as connection:
-        count = connection.scalar(
-            select(func.count()).select_from(User).where(User.email.like(f"{pattern}@example.com"))
-        )
-    engine.dispose()
-    return int(count or 0)
-
-
-def _attempt_times(store: redis.Redis, key: str) -> list[float]:
-    return [float(value) for value in store.lrange(f"{key}:attempts", 0, -1)]
-
-
-def test_transient_database_error_is_retried_with_backoff(
-    producer: Celery, worker_env: dict[str, str], store: redis.Redis
-) -> None:
+def test_transient_database_error_is_retried_with_backoff(app: FlaskCelery) -> None:
     key = f"retry-{uuid.uuid4().hex}"
-    result = producer.send_task("tests.lose_connection", args=[key, 2])
-    assert result.get(timeout=60) == "ok"
-
-    times = _attempt_times(store, key)
-    assert len(times) == 3
-    for retry, (before, after) in enumerate(itertools.pairwise(times)):
+    assert app.tasks["tests.lose_connection"].apply(args=[key, 2]).get() == "ok"
+    assert RECORDED[f"{key}:attempts"] == [0, 1, 2]
+    for retry, countdown in enumerate(RECORDED[f"{key}:countdowns"]):
         ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2**retry)
-        assert ceiling / 2 <= after - before <= ceiling + SLACK
+        assert ceiling / 2 <= countdown <= ceiling
     # The two failed attempts rolled back; only the third attempt's row is there.
-    assert _projects(worker_env, f"{key}-%") == 1
+    assert _users(app, f"{key}-%") == 1
 
 
-def test_bad_input_is_not_retried(
-    producer: Celery, worker_env: dict[str, str], store: redis.Redis
-) -> None:
+def test_bad_input_is_not_retried(app: FlaskCelery) -> None:
     key = f"dup-{uuid.uuid4().hex}"
-    result = producer.send_task("tests.duplicate_key", args=[key])
-    with pytest.raises(Exception, match="duplicate key|IntegrityError|UniqueViolation"):
-        result.get(timeout=60)
-    assert len(_attempt_times(store, key)) == 1
-    assert _projects(worker_env, key) == 0
+    outcome = app.tasks["tests.duplicate_key"].apply(args=[key])
+    assert outcome.state == "FAILURE" and isinstance(outcome.result, IntegrityError)
+    assert RECORDED[f"{key}:attempts"] == [0]
+    assert _users(app, key) == 0
 
 
-def test_follow_up_is_sent_after_commit_and_sees_the_row(
-    producer: Celery, store: redis.Redis
-) -> None:
+def test_follow_up_is_sent_after_commit_and_sees_the_row(app: FlaskCelery) -> None:
     key = f"commit-{uuid.uuid4().hex}"
-    producer.send_task("tests.insert_then", args=[key, False]).get(timeout=60)
-    assert wait_for(lambda: store.get(f"{key}:follow_up")) == b"visible"
+    app.tasks["tests.insert_then"].apply(args=[key, False]).get()
+    assert RECORDED[f"{key}:seen"] == [True]  # the callback ran after the commit
+    assert ("tests.follow_up", [key]) in _queued(app)
 
 
-def test_rollback_leaves_no_rows_and_sends_no_follow_up(
-    producer: Celery, worker_env: dict[str, str], store: redis.Redis
-) -> None:
-    failing = f"rollback-{uuid.uuid4().hex}"
-    with pytest.raises(ValueError, match="bad input"):
-        producer.send_task("tests.insert_then", args=[failing, True]).get(timeout=60)
-    # A later task through the same single worker proves the queue was drained meanwhile.
-    marker = f"marker-{uuid.uuid4().hex}"
-    producer.send_task("tests.insert_then", args=[marker, False]).get(timeout=60)
-    wait_for(lambda: store.get(f"{marker}:follow_up"))
-    assert store.get(f"{failing}:follow_up") is None
-    assert _projects(worker_env, failing) == 0
+def test_rollback_leaves_no_rows_sends_nothing_and_records_the_failure(app: FlaskCelery) -> None:
+    key = f"rollback-{uuid.uuid4().hex}"
+    outcome = app.tasks["tests.insert_then"].apply(args=[key, True])
+    assert outcome.state == "FAILURE" and isinstance(outcome.result, ValueError)
+    assert RECORDED[f"{key}:seen"] == []
+    assert ("tests.follow_up", [key]) not in _queued(app)
+    assert _users(app, key) == 0
+    assert _users(app, f"{key}-failed") == 1  # on_final_failure, in a transaction of its own
+
+
+def test_a_checkpoint_commits_on_purpose_and_sends_what_was_queued(app: FlaskCelery) -> None:
+    key = f"checkpoint-{uuid.uuid4().hex}"
+    outcome = app.tasks["tests.checkpoint_then_fail"].apply(args=[key])
+    assert outcome.state == "FAILURE"
+    assert (_users(app, f"{key}-kept"), _users(app, f"{key}-lost")) == (1, 0)
+    assert ("tests.follow_up", [key]) in _queued(app)
+
+
+def test_a_rollback_on_a_dead_connection_keeps_the_real_error(app: FlaskCelery) -> None:
+    key = f"dead-{uuid.uuid4().hex}"
+    outcome = app.tasks["tests.fail_on_a_dead_connection"].apply(args=[key])
+    assert outcome.state == "FAILURE" and isinstance(outcome.result, ValueError)
+    assert _users(app, key) == 0
 
 
 def test_backoff_is_exponential_capped_and_jittered() -> None:
-    import random
-
     rng = random.Random(7)
     delays = [backoff_delay(n, base=2, cap=60, rng=rng) for n in range(8)]
     for n, delay in enumerate(delays):
@@ -123,8 +113,6 @@ def test_backoff_is_exponential_capped_and_jittered() -> None:
 
 
 def test_transient_classification() -> None:
-    from sqlalchemy.exc import IntegrityError, OperationalError
-
     assert is_transient(OperationalError("SELECT 1", {}, Exception("server closed")))
     assert is_transient(redis.exceptions.ConnectionError("reset"))
     assert not is_transient(IntegrityError("INSERT", {}, Exception("duplicate key")))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
@@ -144,30 +145,22 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_worker(
-    app: str, env: Mapping[str, str], log_path: Path, *args: str
+def celery_process(
+    app: str,
+    command: Sequence[str],
+    env: Mapping[str, str],
+    log_path: Path,
+    ready: Callable[[], bool] | None = None,
+    ready_timeout: float = 60.0,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """A real ``celery worker`` process (prefork pool) for ``app``; stopped afterwards.
+    """A real ``celery -A app <command>`` process (worker, beat, flower) in a process group of
+    its own, so a test can kill it and its children at once; its output goes to ``log_path``.
 
-    Ready once it has logged 'ready.'; its log is in ``log_path`` for post-mortems.
-    """
-    command = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        app,
-        "worker",
-        "--loglevel=INFO",
-        "--without-mingle",
-        "--without-gossip",
-        f"--hostname=test-{uuid.uuid4().hex[:8]}@%h",
-        *args,
-    ]
+    Yields once ``ready()`` is true (it fails the test if the process exits first); stops the
+    process afterwards, gracefully if it can."""
     with log_path.open("wb") as log_file:
-        # Its own process group, so a test can kill the worker and its pool children at once.
         process = subprocess.Popen(
-            command,
+            [sys.executable, "-m", "celery", "-A", app, *command],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env=clean_environ(**env),
@@ -175,12 +168,14 @@ def running_worker(
         )
     try:
 
-        def ready() -> bool:
+        def started() -> bool:
             if process.poll() is not None:
-                raise AssertionError("worker exited:\n" + log_path.read_text(errors="replace"))
-            return "ready." in log_path.read_text(errors="replace")
+                raise AssertionError(
+                    f"celery {command[0]} exited:\n" + log_path.read_text(errors="replace")
+                )
+            return ready is None or ready()
 
-        wait_for(ready, timeout=60)
+        wait_for(started, timeout=ready_timeout)
         yield process
     finally:
         if process.poll() is None:
@@ -188,5 +183,24 @@ def running_worker(
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                process.kill()
+                os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+
+
+@contextmanager
+def running_worker(
+    app: str, env: Mapping[str, str], log_path: Path, *args: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A real ``celery worker`` (prefork pool) for ``app``, ready once it has logged 'ready.'."""
+    command = [
+        "worker",
+        "--loglevel=INFO",
+        "--without-mingle",
+        "--without-gossip",
+        f"--hostname=test-{uuid.uuid4().hex[:8]}@%h",
+        *args,
+    ]
+    with celery_process(
+        app, command, env, log_path, ready=lambda: "ready." in log_path.read_text(errors="replace")
+    ) as process:
+        yield process

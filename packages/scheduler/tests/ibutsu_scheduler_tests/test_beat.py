@@ -1,4 +1,7 @@
-"""Real beat processes on the real Redis: slots, one sender among replicas, failover."""
+"""Real beat processes on the real Redis: slots, one sender among replicas, failover, restart.
+
+Nothing here sleeps and then counts: each test waits for the event it needs (a send, a
+leader, an exported value) with a deadline, and checks exact counts from the metrics."""
 
 from __future__ import annotations
 
@@ -7,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,32 +18,24 @@ from pathlib import Path
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from ibutsu_testing.services import REDIS_URL, clean_environ, free_port, http_get, wait_for
+from ibutsu_scheduler.factory import LEASE_SECONDS, MAX_LOOP_INTERVAL
+from ibutsu_testing.services import REDIS_URL, celery_process, free_port, http_get, wait_for
 
 APP = "ibutsu_scheduler_tests.beat_app:app"
 CREDENTIALS = "prometheus:scrape-password-1"
+FAST_SECONDS = 2.0
+SLOW_SECONDS = 3.0
+# A standby takes the lease once the dead leader's runs out, at its next loop.
+TAKEOVER_DEADLINE = LEASE_SECONDS + 2 * MAX_LOOP_INTERVAL + FAST_SECONDS
 
 
 @contextmanager
 def beat(env: dict[str, str], log: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
     """A real `celery beat` for the test schedule, with its metrics endpoint on ``port``."""
-    environ = clean_environ(
-        **env, IBUTSU_METRICS_PORT=str(port), IBUTSU_METRICS_BASIC_AUTH=CREDENTIALS
-    )
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", APP, "beat", "--loglevel=INFO"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=environ,
-            start_new_session=True,
-        )
-    try:
+    environ = {**env, "IBUTSU_METRICS_PORT": str(port), "IBUTSU_METRICS_BASIC_AUTH": CREDENTIALS}
+    ready = lambda: http_get(port, "/healthz")[0] == 200  # noqa: E731
+    with celery_process(APP, ["beat", "--loglevel=INFO"], environ, log, ready=ready) as process:
         yield process
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            process.wait(timeout=30)
 
 
 def _count(env: dict[str, str], which: str) -> int:
@@ -51,10 +45,14 @@ def _count(env: dict[str, str], which: str) -> int:
     for raw in client.lrange(f"{env['IBUTSU_REDIS_KEY_PREFIX']}celery", 0, -1):
         args = json.loads(base64.b64decode(json.loads(raw)["body"]))[0]
         sent += args == [which]
+    client.close()
     return sent
 
 
-def _metric(text: str, name: str, **labels: str) -> float | None:
+def _metric(port: int, name: str, **labels: str) -> float | None:
+    status, text = http_get(port, "/metrics", CREDENTIALS)
+    if status != 200:
+        return None
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
@@ -63,8 +61,13 @@ def _metric(text: str, name: str, **labels: str) -> float | None:
 
 
 def _leads(port: int) -> bool:
-    status, text = http_get(port, "/metrics", CREDENTIALS)
-    return status == 200 and _metric(text, "ibutsu_beat_leader") == 1.0
+    return _metric(port, "ibutsu_beat_leader") == 1.0
+
+
+def _counted_every_send(port: int, env: dict[str, str]) -> bool:
+    """The scheduler on ``port`` counts exactly the tick-fast messages in the queue."""
+    sent = _count(env, "fast")
+    return _metric(port, "ibutsu_beat_sends_total", entry="tick-fast") == sent
 
 
 def test_entries_are_sent_at_their_slots_and_exported(
@@ -72,24 +75,20 @@ def test_entries_are_sent_at_their_slots_and_exported(
 ) -> None:
     port = free_port()
     with beat(service_environ, tmp_path / "beat.log", port):
+        assert (http_get(port, "/metrics")[0], http_get(port, "/healthz")[0]) == (401, 200)
+        assert http_get(port, "/metrics", "prometheus:wrong-password")[0] == 401
         wait_for(lambda: _leads(port), timeout=30)
-        start_fast = _count(service_environ, "fast")
-        time.sleep(8.5)
-        fast, slow = _count(service_environ, "fast") - start_fast, _count(service_environ, "slow")
-        status, text = http_get(port, "/metrics", CREDENTIALS)
-        unauthenticated = http_get(port, "/metrics")[0]
-        wrong = http_get(port, "/metrics", "prometheus:wrong-password")[0]
-        health = http_get(port, "/healthz")[0]
-    assert (unauthenticated, wrong, health) == (401, 401, 200)
-    assert 3 <= fast <= 5  # every 2 s for 8.5 s
-    assert slow >= 2
-    assert status == 200
-    assert _metric(text, "ibutsu_beat_sends_total", entry="tick-fast") == _count(
-        service_environ, "fast"
-    )
-    next_send = _metric(text, "ibutsu_beat_next_send_timestamp_seconds", entry="tick-slow")
-    assert next_send is not None and next_send > time.time() - 5
-    weekly = _metric(text, "ibutsu_beat_next_send_timestamp_seconds", entry="weekly")
+        first = wait_for(lambda: _count(service_environ, "fast"), timeout=30)
+        started = time.monotonic()
+        wait_for(lambda: _count(service_environ, "fast") >= first + 2, timeout=30)
+        # Two more slots: never sooner than the schedule allows (the poll adds, never removes).
+        assert time.monotonic() - started >= 2 * FAST_SECONDS - 0.5
+        wait_for(lambda: _count(service_environ, "slow") >= 2, timeout=30)
+        # Exactly what went out, per entry; the next send of every entry, due or not.
+        wait_for(lambda: _counted_every_send(port, service_environ), timeout=10)
+        next_slow = _metric(port, "ibutsu_beat_next_send_timestamp_seconds", entry="tick-slow")
+        weekly = _metric(port, "ibutsu_beat_next_send_timestamp_seconds", entry="weekly")
+    assert next_slow is not None and next_slow > time.time() - SLOW_SECONDS - MAX_LOOP_INTERVAL
     assert weekly is not None and time.time() < weekly <= time.time() + 7 * 86400
 
 
@@ -100,32 +99,38 @@ def test_two_schedulers_send_each_slot_once_and_a_standby_takes_over(
     with beat(service_environ, tmp_path / "first.log", first_port) as first:
         wait_for(lambda: _leads(first_port), timeout=30)
         with beat(service_environ, tmp_path / "second.log", second_port):
-            wait_for(lambda: http_get(second_port, "/metrics", CREDENTIALS)[0] == 200, timeout=30)
             before = _count(service_environ, "fast")
-            time.sleep(8.5)
-            sent = _count(service_environ, "fast") - before
-            assert 3 <= sent <= 5  # not twice as many: only the leader sends
-            assert not _leads(second_port)
+            wait_for(lambda: _count(service_environ, "fast") >= before + 3, timeout=30)
+            # Only the leader sends: the standby has sent nothing, the leader everything.
+            assert _metric(second_port, "ibutsu_beat_leader") == 0.0
+            assert not _metric(second_port, "ibutsu_beat_sends_total", entry="tick-fast")
+            wait_for(lambda: _counted_every_send(first_port, service_environ), timeout=10)
 
             os.killpg(first.pid, signal.SIGKILL)  # the leader dies without releasing
-            killed = time.monotonic()
+            first.wait()
             baseline = _count(service_environ, "fast")
-            wait_for(lambda: _count(service_environ, "fast") > baseline, timeout=40)
-            takeover = time.monotonic() - killed
+            wait_for(lambda: _count(service_environ, "fast") > baseline, timeout=TAKEOVER_DEADLINE)
             assert _leads(second_port)
-    assert takeover < 30
 
 
-def test_a_restarted_scheduler_neither_repeats_nor_skips(
+def test_a_restarted_scheduler_does_not_repeat_a_slot(
     service_environ: dict[str, str], tmp_path: Path
 ) -> None:
     port = free_port()
     with beat(service_environ, tmp_path / "one.log", port):
         wait_for(lambda: _count(service_environ, "slow") >= 1, timeout=30)
+        last_sent = wait_for(
+            lambda: _metric(port, "ibutsu_beat_last_send_timestamp_seconds", entry="tick-slow"),
+            timeout=10,
+        )
         stopped_after = _count(service_environ, "slow")
-    restarted = time.monotonic()
-    with beat(service_environ, tmp_path / "two.log", free_port()):
+    second = free_port()
+    with beat(service_environ, tmp_path / "two.log", second):
         wait_for(lambda: _count(service_environ, "slow") > stopped_after, timeout=30)
-        first_send = time.monotonic() - restarted
-    # The slot state lives in Redis: no immediate repeat of the slot sent before the restart.
-    assert first_send > 0.5
+        resent = wait_for(
+            lambda: _metric(second, "ibutsu_beat_last_send_timestamp_seconds", entry="tick-slow"),
+            timeout=10,
+        )
+    # The slot state lives in Redis: the restarted scheduler sends the entry at its next slot,
+    # a period after the last send before the restart, never again at once.
+    assert resent >= last_sent + SLOW_SECONDS - 0.5

@@ -7,12 +7,14 @@ from typing import Any
 from ibutsu_server.app_factory import FlaskCelery, create_flask_celery_app
 from ibutsu_server.settings import Role, Settings
 
+# Modules are named for what they do; each task's wire name comes from ibutsu_server.task_names.
 TASK_MODULES = (
-    "ibutsu_worker.tasks.db",
-    "ibutsu_worker.tasks.importers",
-    "ibutsu_worker.tasks.query",
-    "ibutsu_worker.tasks.results",
-    "ibutsu_worker.tasks.runs",
+    "ibutsu_worker.tasks.imports",
+    "ibutsu_worker.tasks.queries",
+    "ibutsu_worker.tasks.result_metadata",
+    "ibutsu_worker.tasks.retention",
+    "ibutsu_worker.tasks.run_summaries",
+    "ibutsu_worker.tasks.users",
 )
 
 

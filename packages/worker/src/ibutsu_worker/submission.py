@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import select
 
 from ibutsu_server import task_names
-from ibutsu_server.app_factory import create_flask_celery_app
+from ibutsu_server.app_factory import FlaskCelery, create_flask_celery_app
 from ibutsu_server.db.engine import Database
 from ibutsu_server.db.models import Import, ImportFile, ImportStatus, Project, Run, utcnow
 from ibutsu_server.settings import Role, Settings
@@ -75,9 +75,9 @@ def import_record(record: Import) -> dict[str, Any]:
 class Submitter:
     """The database and broker of one worker configuration, for submitting imports."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, celery: FlaskCelery | None = None) -> None:
         self.settings = settings
-        self.celery = create_flask_celery_app(Role.WORKER, settings=settings)
+        self.celery = celery or create_flask_celery_app(Role.WORKER, settings=settings)
         self.db: Database = self.celery.database
 
     def close(self) -> None:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from ibutsu_server.db.models import Project, Result, Run, utcnow
+from ibutsu_worker.submission import Outcome
+
+#: Stores a report as the API does and runs its import (the ``run_import`` fixture).
+ImportRunner = Callable[..., Outcome]
 
 
 def add_project(session: Session, name: str) -> uuid.UUID:

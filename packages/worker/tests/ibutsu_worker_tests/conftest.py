@@ -2,19 +2,29 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy.orm import Session
 
 from ibutsu_server.app_factory import FlaskCelery
 from ibutsu_server.db.migrate import upgrade
+from ibutsu_server.task_names import RUN_ARCHIVE_IMPORT, RUN_JUNIT_IMPORT
 from ibutsu_testing.fixtures import service_environ
-from ibutsu_testing.services import running_worker, settings_for
+from ibutsu_testing.services import settings_for
 from ibutsu_worker.factory import create_worker_app
-from ibutsu_worker.submission import Submitter
+from ibutsu_worker.submission import Outcome, Submitter, import_record
+from ibutsu_worker_tests.builders import ImportRunner
 from ibutsu_worker_tests.dbsession import migrated_session
 
-__all__ = ["app_session", "service_environ", "session", "submitter", "worker_app"]
+__all__ = [
+    "app_session",
+    "run_import",
+    "service_environ",
+    "session",
+    "submitter",
+    "worker_app",
+]
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
@@ -22,16 +32,6 @@ def session(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Session]
     """A session on a freshly migrated database, once on PostgreSQL and once on SQLite."""
     with migrated_session(request.param, tmp_path) as session:
         yield session
-
-
-@pytest.fixture
-def submitter(service_environ: dict[str, str], tmp_path: Path) -> Iterator[Submitter]:
-    """Imports submitted as the API submits them, on a fresh database, with a real worker."""
-    submitter = Submitter(settings_for(service_environ))
-    upgrade(submitter.db.engine)
-    with running_worker("ibutsu_server:worker_app", service_environ, tmp_path / "worker.log"):
-        yield submitter
-    submitter.close()
 
 
 @pytest.fixture
@@ -49,3 +49,22 @@ def app_session(worker_app: FlaskCelery) -> Iterator[Session]:
     """A session of its own on ``worker_app``'s database, to arrange and inspect rows."""
     with Session(worker_app.database.engine, expire_on_commit=False) as session:
         yield session
+
+
+@pytest.fixture
+def submitter(worker_app: FlaskCelery) -> Submitter:
+    """Imports stored as the API stores them, on ``worker_app``'s database."""
+    return Submitter(worker_app.settings, worker_app)
+
+
+@pytest.fixture
+def run_import(worker_app: FlaskCelery, submitter: Submitter) -> ImportRunner:
+    """Store a report as the API does and run its import task here, as a worker would."""
+
+    def run(path: Path, **upload: Any) -> Outcome:
+        record = submitter.store(path, **upload)
+        name = RUN_ARCHIVE_IMPORT if path.read_bytes()[:2] == b"\x1f\x8b" else RUN_JUNIT_IMPORT
+        worker_app.tasks[name].apply(args=[import_record(record)]).get()
+        return submitter.outcome(str(record.id))
+
+    return run

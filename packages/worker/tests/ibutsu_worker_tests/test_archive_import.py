@@ -26,6 +26,7 @@ from ibutsu_worker.importing.landing import Landed, Upload
 from ibutsu_worker.importing.tar_reader import MAX_EXTENDED_HEADER
 from ibutsu_worker.submission import Submitter
 from ibutsu_worker_tests.archives import Member, Sample, file, pack, sample, special
+from ibutsu_worker_tests.builders import ImportRunner
 from ibutsu_worker_tests.dbsession import migrated_session
 
 LIMITS = ImportLimits(
@@ -46,7 +47,8 @@ def database(
 
 
 @pytest.fixture()
-def session(database: Session) -> Iterator[Session]:
+def archive_session(database: Session) -> Iterator[Session]:
+    """A session on the module's database (each dialect's), emptied after every test."""
     yield database
     database.rollback()
     for model in (Artifact, Result, Run, Project):
@@ -106,9 +108,9 @@ def project(session: Session, name: str) -> Project:
 # --- landing --------------------------------------------------------------------------------------
 
 
-def test_archive_lands_with_its_ids_and_artifacts(session: Session) -> None:
+def test_archive_lands_with_its_ids_and_artifacts(archive_session: Session) -> None:
     archive = sample()
-    landed = land(session, archive.archive(), env="staging", tags=["nightly"])
+    landed = land(archive_session, archive.archive(), env="staging", tags=["nightly"])
     run_id = uuid.UUID(archive.run_id)
     assert (landed.run_id, landed.results) == (run_id, 4)
     assert landed.summary == {
@@ -116,7 +118,7 @@ def test_archive_lands_with_its_ids_and_artifacts(session: Session) -> None:
         "passes": 1, "pass_percent": 25, "collected": 0, "not_run": 0,
     }  # fmt: skip
 
-    run = session.get(Run, run_id)
+    run = archive_session.get(Run, run_id)
     assert run is not None
     # The uploader's metadata wins over the archive's, as upstream merges them.
     assert (run.component, run.env, run.source) == ("billing", "staging", "jenkins")
@@ -129,7 +131,9 @@ def test_archive_lands_with_its_ids_and_artifacts(session: Session) -> None:
         "tags": ["nightly"],
     }
 
-    results = {r.id: r for r in session.scalars(select(Result).where(Result.run_id == run_id))}
+    results = {
+        r.id: r for r in archive_session.scalars(select(Result).where(Result.run_id == run_id))
+    }
     assert set(results) == {uuid.UUID(r["id"]) for r in archive.results}
     for n, expected in enumerate(archive.results):
         result = results[uuid.UUID(expected["id"])]
@@ -141,69 +145,73 @@ def test_archive_lands_with_its_ids_and_artifacts(session: Session) -> None:
         assert result.start_time == datetime(2026, 1, 2, 3, n)
 
     failed = uuid.UUID(archive.results[1]["id"])
-    assert artifacts(session) == {
+    assert artifacts(archive_session) == {
         "session.log": (run_id, None, b"collected 4 items\n"),
         "traceback.log": (None, failed, b"AssertionError: 1 == 2\n"),
     }
-    data: dict[Any, Any] = dict(session.execute(select(Artifact.filename, Artifact.data)).all())
+    data: dict[Any, Any] = dict(
+        archive_session.execute(select(Artifact.filename, Artifact.data)).all()
+    )
     assert data == {
         "session.log": {"contentType": "text/plain", "runId": str(run_id)},
         "traceback.log": {"contentType": "text/plain", "resultId": str(failed)},
     }
 
 
-def test_the_project_is_the_imports(session: Session) -> None:
-    uploader, other = project(session, "uploader"), project(session, "acme")
+def test_the_project_is_the_imports(archive_session: Session) -> None:
+    uploader, other = project(archive_session, "uploader"), project(archive_session, "acme")
     for named in (None, "uploader", str(uploader.id)):
         archive = sample()
         archive.run["metadata"]["project"] = named
-        land(session, archive.archive(), project_id=uploader.id)
+        land(archive_session, archive.archive(), project_id=uploader.id)
         run_project = select(Run.project_id).where(Run.id == uuid.UUID(archive.run_id))
-        assert session.scalar(run_project) == uploader.id
+        assert archive_session.scalar(run_project) == uploader.id
         results = select(Result.project_id).where(Result.run_id == uuid.UUID(archive.run_id))
-        assert set(session.scalars(results)) == {uploader.id}
-    before = counts(session)
+        assert set(archive_session.scalars(results)) == {uploader.id}
+    before = counts(archive_session)
     for named in ("acme", str(other.id), "not-on-this-server"):
         archive = sample()
         archive.run["metadata"]["project"] = named
         with pytest.raises(ReportError, match="names project .* but the import was submitted for"):
-            land(session, archive.archive(), project_id=uploader.id)
+            land(archive_session, archive.archive(), project_id=uploader.id)
     archive = sample()
     archive.run["project_id"] = str(other.id)
     with pytest.raises(ReportError, match="submitted for no project"):
-        land(session, archive.archive())
-    assert counts(session) == before
+        land(archive_session, archive.archive())
+    assert counts(archive_session) == before
 
 
-def test_an_upload_cannot_take_over_another_runs_rows(session: Session) -> None:
+def test_an_upload_cannot_take_over_another_runs_rows(archive_session: Session) -> None:
     victim = sample()
-    land(session, victim.archive())
-    before = {r.id: (r.run_id, r.test_id, r.result) for r in session.scalars(select(Result))}
+    land(archive_session, victim.archive())
+    before = {
+        r.id: (r.run_id, r.test_id, r.result) for r in archive_session.scalars(select(Result))
+    }
 
     attacker = sample()  # a new run of its own, naming one of the victim's result ids
     stolen = victim.results[0]["id"]
     attacker.results[0] = {**attacker.results[0], "id": stolen, "test_id": "overwritten"}
     with pytest.raises(ReportError, match="already belong to another run"):
-        land(session, attacker.archive())
-    session.rollback()
-    after = {r.id: (r.run_id, r.test_id, r.result) for r in session.scalars(select(Result))}
+        land(archive_session, attacker.archive())
+    archive_session.rollback()
+    after = {r.id: (r.run_id, r.test_id, r.result) for r in archive_session.scalars(select(Result))}
     assert after == before
 
-    other = project(session, "other")
+    other = project(archive_session, "other")
     renamed = sample()
     # The victim's run id, uploaded into another project.
     renamed.run["id"] = victim.run_id
     for result in renamed.results:
         result["run_id"] = victim.run_id
     with pytest.raises(ReportError, match="already belong to another project"):
-        land(session, renamed.archive(), project_id=other.id)
+        land(archive_session, renamed.archive(), project_id=other.id)
 
 
-def test_reimport_updates_and_never_duplicates(session: Session) -> None:
+def test_reimport_updates_and_never_duplicates(archive_session: Session) -> None:
     archive = sample()
-    land(session, archive.archive())
-    land(session, archive.archive())
-    assert counts(session) == {"runs": 1, "results": 4, "artifacts": 2}
+    land(archive_session, archive.archive())
+    land(archive_session, archive.archive())
+    assert counts(archive_session) == {"runs": 1, "results": 4, "artifacts": 2}
 
     # The same ids with new values: a run re-archived after a rerun.
     archive.run["env"] = "prod"
@@ -212,22 +220,22 @@ def test_reimport_updates_and_never_duplicates(session: Session) -> None:
     failed = archive.results[1]["id"]
     archive.result_artifacts[failed] = {"traceback.log": b"passed on rerun\n"}
     archive.run_artifacts = {"other.log": b"new"}
-    land(session, archive.archive())
+    land(archive_session, archive.archive())
 
-    assert counts(session) == {"runs": 1, "results": 4, "artifacts": 2}
-    run = session.get(Run, uuid.UUID(archive.run_id))
+    assert counts(archive_session) == {"runs": 1, "results": 4, "artifacts": 2}
+    run = archive_session.get(Run, uuid.UUID(archive.run_id))
     assert run is not None and run.env == "prod"
-    result = session.get(Result, uuid.UUID(failed))
+    result = archive_session.get(Result, uuid.UUID(failed))
     assert result is not None and result.result == "passed"
     assert result.data is not None and result.data["rerun"] is True
-    assert artifacts(session) == {
+    assert artifacts(archive_session) == {
         "other.log": (run.id, None, b"new"),
         "traceback.log": (None, result.id, b"passed on rerun\n"),
     }
 
 
 def test_members_in_any_order_land_the_same(
-    session: Session, monkeypatch: pytest.MonkeyPatch
+    archive_session: Session, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Spools go to disk after 100 bytes, and artifacts are written one per statement.
     monkeypatch.setattr(landing_module, "SPOOL_MEMORY", 100)
@@ -235,20 +243,24 @@ def test_members_in_any_order_land_the_same(
     archive = sample()
     # Artifacts first, then results, run.json last: the reverse of pytest-ibutsu's order.
     reversed_members = list(reversed(archive.members()))
-    landed = land(session, pack(reversed_members), chunk=7)
+    landed = land(archive_session, pack(reversed_members), chunk=7)
     assert landed.results == 4
-    assert counts(session) == {"runs": 1, "results": 4, "artifacts": 2}
+    assert counts(archive_session) == {"runs": 1, "results": 4, "artifacts": 2}
     failed = uuid.UUID(archive.results[1]["id"])
-    assert artifacts(session)["traceback.log"] == (None, failed, b"AssertionError: 1 == 2\n")
-    run = session.get(Run, uuid.UUID(archive.run_id))
+    assert artifacts(archive_session)["traceback.log"] == (
+        None,
+        failed,
+        b"AssertionError: 1 == 2\n",
+    )
+    run = archive_session.get(Run, uuid.UUID(archive.run_id))
     assert run is not None and run.component == "billing"
 
 
-def test_a_run_without_results(session: Session) -> None:
+def test_a_run_without_results(archive_session: Session) -> None:
     archive = sample()
     archive.results = []
-    assert land(session, archive.archive()).results == 0
-    assert counts(session) == {"runs": 1, "results": 0, "artifacts": 1}
+    assert land(archive_session, archive.archive()).results == 0
+    assert counts(archive_session) == {"runs": 1, "results": 0, "artifacts": 1}
 
 
 # --- refusals: each one names its reason and leaves nothing behind -------------------------------
@@ -427,7 +439,7 @@ HOSTILE: list[tuple[str, Build, dict[str, int], str]] = [
     [pytest.param(build, limits, reason, id=name) for name, build, limits, reason in HOSTILE],
 )
 def test_refused_whole_with_a_reason(
-    session: Session,
+    archive_session: Session,
     monkeypatch: pytest.MonkeyPatch,
     build: Build,
     limits: dict[str, int],
@@ -436,15 +448,17 @@ def test_refused_whole_with_a_reason(
     # Every result is written as soon as it is read, so a refusal must undo real rows.
     monkeypatch.setattr(landing_module, "BATCH_BYTES", 1)
     with pytest.raises(ReportError) as caught:
-        land(session, build(sample()), dataclasses.replace(LIMITS, **limits))
+        land(archive_session, build(sample()), dataclasses.replace(LIMITS, **limits))
     assert reason in str(caught.value)
-    assert counts(session) == {"runs": 0, "results": 0, "artifacts": 0}
+    assert counts(archive_session) == {"runs": 0, "results": 0, "artifacts": 0}
 
 
 # --- through a real worker ------------------------------------------------------------------------
 
 
-def test_archive_import_through_a_worker(submitter: Submitter, tmp_path: Path) -> None:
+def test_archive_import_as_the_api_sends_it(
+    run_import: ImportRunner, submitter: Submitter, tmp_path: Path
+) -> None:
     archive = sample()
     path = tmp_path / f"{archive.run_id}.tar.gz"
     path.write_bytes(archive.archive())
@@ -452,10 +466,7 @@ def test_archive_import_through_a_worker(submitter: Submitter, tmp_path: Path) -
     hostile.write_bytes(archive.archive([special(f"{archive.run_id}/l", tarfile.SYMTYPE, "/")]))
 
     acme = submitter.ensure_project("acme")
-    first = submitter.submit(path, project_id=acme)
-    again = submitter.submit(path, project_id=acme)
-    refused = submitter.submit(hostile, project_id=acme)
-    outcomes = submitter.wait([first, again, refused], timeout=60)
+    outcomes = [run_import(p, project_id=acme) for p in (path, path, hostile)]
 
     assert [o.status for o in outcomes[:2]] == ["done", "done"]
     for outcome in outcomes[:2]:
@@ -464,7 +475,7 @@ def test_archive_import_through_a_worker(submitter: Submitter, tmp_path: Path) -
     assert outcomes[2].status == "error"
     assert outcomes[2].message is not None and "symbolic link" in outcomes[2].message
     session = submitter.db.session()
-    record = session.get(Import, uuid.UUID(first))
+    record = session.get(Import, uuid.UUID(outcomes[0].import_id))
     assert record is not None and record.format == "archive"
     assert record.data is not None and record.data["result_count"] == 4
     assert record.data["run_id"] == [archive.run_id]

@@ -1,4 +1,5 @@
-"""Imports through a real worker, real Redis and the real PostgreSQL."""
+"""Imports as a worker runs them, on the real PostgreSQL: called in the test's process, but
+for the worker killed mid-import, which needs real worker processes."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from pathlib import Path
 from sqlalchemy import func, select, text
 
 from ibutsu_server import task_names
+from ibutsu_server.app_factory import FlaskCelery
 from ibutsu_server.db.migrate import upgrade
 from ibutsu_server.db.models import Artifact, Import, ImportFile, Result, Run
 from ibutsu_testing.services import running_worker, settings_for, wait_for
-from ibutsu_worker.submission import Submitter
+from ibutsu_worker.submission import Submitter, import_record
+from ibutsu_worker_tests.builders import ImportRunner
 from ibutsu_worker_tests.corpus import REFUSED, SAMPLE_SUMMARY, corpus_files, expected_count
 
 
@@ -29,14 +32,15 @@ def count(submitter: Submitter, model: type[Run] | type[Result] | type[Artifact]
         return int(connection.scalar(select(func.count()).select_from(model)) or 0)
 
 
-def test_sample_import_lands_whole(submitter: Submitter, tmp_path: Path) -> None:
+def test_sample_import_lands_whole(
+    run_import: ImportRunner, submitter: Submitter, tmp_path: Path
+) -> None:
     project = submitter.ensure_project("acme")
-    import_id = submitter.submit(sample(tmp_path), project_id=project, source="ci")
-    (outcome,) = submitter.wait([import_id], timeout=60)
+    outcome = run_import(sample(tmp_path), project_id=project, source="ci")
     assert outcome.status == "done" and outcome.message is None
     assert outcome.summary == SAMPLE_SUMMARY
     session = submitter.db.session()
-    record = session.get(Import, uuid.UUID(import_id))
+    record = session.get(Import, uuid.UUID(outcome.import_id))
     assert record is not None and record.format == "junit" and record.data is not None
     assert record.data["result_count"] == 8 and record.data["run_id"] == [outcome.run_id]
     stored = session.scalar(select(ImportFile.content).where(ImportFile.import_id == record.id))
@@ -48,23 +52,22 @@ def test_sample_import_lands_whole(submitter: Submitter, tmp_path: Path) -> None
     assert count(submitter, Artifact) == 3  # two tracebacks and one system-out
 
 
-def test_redelivered_import_lands_once(submitter: Submitter, tmp_path: Path) -> None:
-    import_id = submitter.submit(sample(tmp_path))
-    # Two more deliveries of the same import, as after a crash or a retry, by both names.
-    submitter.celery.send_task(task_names.IMPORT_RESULTS, args=[import_id])
-    submitter.celery.send_task(task_names.RUN_JUNIT_IMPORT, args=[{"id": import_id}])
-    submitter.wait([import_id], timeout=60)
-    marker = submitter.submit(sample(tmp_path))
-    submitter.wait([marker], timeout=60)  # queued after the duplicates
-    assert count(submitter, Run) == 2
-    assert count(submitter, Result) == 16
+def test_redelivered_import_lands_once(
+    worker_app: FlaskCelery, submitter: Submitter, tmp_path: Path
+) -> None:
+    record = submitter.store(sample(tmp_path))
+    # Three deliveries of the same import, as after a crash or a retry, by every name.
+    worker_app.tasks[task_names.RUN_JUNIT_IMPORT].apply(args=[import_record(record)]).get()
+    worker_app.tasks[task_names.IMPORT_RESULTS].apply(args=[str(record.id)]).get()
+    worker_app.tasks[task_names.RUN_ARCHIVE_IMPORT].apply(args=[{"id": str(record.id)}]).get()
+    assert submitter.outcome(str(record.id)).status == "done"
+    assert (count(submitter, Run), count(submitter, Result)) == (1, 8)
 
 
-def test_whole_corpus(submitter: Submitter) -> None:
+def test_whole_corpus(run_import: ImportRunner, submitter: Submitter) -> None:
     files = corpus_files()
-    import_ids = [submitter.submit(path) for path in files]
-    outcomes = submitter.wait(import_ids, timeout=300)
-    for path, outcome in zip(files, outcomes, strict=True):
+    for path in files:
+        outcome = run_import(path)
         if path.name in REFUSED:
             assert outcome.status == "error" and outcome.message, path.name
             assert outcome.run_id is None
@@ -75,14 +78,14 @@ def test_whole_corpus(submitter: Submitter) -> None:
     assert count(submitter, Run) == len(files) - len(REFUSED)
 
 
-def test_bad_input_is_recorded_and_the_worker_goes_on(submitter: Submitter, tmp_path: Path) -> None:
+def test_bad_input_is_recorded_and_the_worker_goes_on(
+    run_import: ImportRunner, submitter: Submitter, tmp_path: Path
+) -> None:
     garbage = tmp_path / "report.xml"
     garbage.write_bytes(b"PK\x03\x04 this is a zip file, not a report")
     truncated = tmp_path / "truncated.xml"
     truncated.write_bytes(b'<testsuite name="s"><testcase name="a"/><testcase name="b">')
-    bad_ids = [submitter.submit(garbage), submitter.submit(truncated)]
-    good = submitter.submit(sample(tmp_path))
-    outcomes = submitter.wait([*bad_ids, good], timeout=60)
+    outcomes = [run_import(garbage), run_import(truncated), run_import(sample(tmp_path))]
     assert [o.status for o in outcomes] == ["error", "error", "done"]
     assert outcomes[0].message == "not a JUnit report or Ibutsu archive"
     assert outcomes[1].message is not None and "malformed XML" in outcomes[1].message

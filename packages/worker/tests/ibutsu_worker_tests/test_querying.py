@@ -32,7 +32,7 @@ RUN_KEYS = {
 
 
 @pytest.fixture
-def session(session: Session) -> Session:
+def populated(session: Session) -> Session:
     """The shared migrated session, with two projects' runs and results in it."""
     for name, count in (("acme", 30), ("other", 10)):
         project = add_project(session, name)
@@ -72,9 +72,9 @@ def project_id(session: Session, name: str) -> str:
 # --- query_task: upstream's filter strings ----------------------------------------------------
 
 
-def test_task_page_has_the_shape_the_api_returns(session: Session) -> None:
-    acme = project_id(session, "acme")
-    page = task_query(session, [f"project_id={acme}", "result=failed"], 1, 600, False, "results")
+def test_task_page_has_the_shape_the_api_returns(populated: Session) -> None:
+    acme = project_id(populated, "acme")
+    page = task_query(populated, [f"project_id={acme}", "result=failed"], 1, 600, False, "results")
     result = page.as_task_result()
     assert set(result) == {"results", "pagination"}
     assert result["pagination"] == {"page": 1, "pageSize": 600, "totalItems": 10, "totalPages": 1}
@@ -82,7 +82,7 @@ def test_task_page_has_the_shape_the_api_returns(session: Session) -> None:
     assert set(row) == RESULT_KEYS
     assert isinstance(row["start_time"], datetime)  # Kombu encodes it as the API expects
     assert row["project_id"] == acme and row["result"] == "failed"
-    runs = task_query(session, None, 1, 600, False, "runs").as_task_result()
+    runs = task_query(populated, None, 1, 600, False, "runs").as_task_result()
     assert set(runs["runs"][0]) == RUN_KEYS and runs["pagination"]["totalItems"] == 2
 
 
@@ -100,22 +100,24 @@ def test_task_page_has_the_shape_the_api_returns(session: Session) -> None:
         (["metadata.nothing@n"], 30),
     ],
 )
-def test_upstream_operators(session: Session, filters: list[str], expected: int) -> None:
-    if session.get_bind().dialect.name == "sqlite" and any("~" in f for f in filters):
+def test_upstream_operators(populated: Session, filters: list[str], expected: int) -> None:
+    if populated.get_bind().dialect.name == "sqlite" and any("~" in f for f in filters):
         pytest.skip("SQLite has no regular expressions")
-    scoped = [f"project_id={project_id(session, 'acme')}", *filters]
-    assert task_query(session, scoped, 1, 1000, False, "results").total == expected
+    scoped = [f"project_id={project_id(populated, 'acme')}", *filters]
+    assert task_query(populated, scoped, 1, 1000, False, "results").total == expected
 
 
-def test_upstream_json_paths_on_runs(session: Session) -> None:
-    found = task_query(session, ["summary.pass_percent>=50", "component=ui"], 1, 600, False, "runs")
+def test_upstream_json_paths_on_runs(populated: Session) -> None:
+    found = task_query(
+        populated, ["summary.pass_percent>=50", "component=ui"], 1, 600, False, "runs"
+    )
     assert found.total == 2
-    build = task_query(session, ["metadata.jenkins.build_number=12"], 1, 600, False, "runs")
+    build = task_query(populated, ["metadata.jenkins.build_number=12"], 1, 600, False, "runs")
     assert build.total == 2
-    if session.get_bind().dialect.name == "postgresql":
-        tags = task_query(session, ["metadata.tags=nightly"], 1, 600, False, "runs")
+    if populated.get_bind().dialect.name == "postgresql":
+        tags = task_query(populated, ["metadata.tags=nightly"], 1, 600, False, "runs")
         assert tags.total == 2
-        slow = task_query(session, ["metadata.tags*slow;fast"], 1, 600, False, "results")
+        slow = task_query(populated, ["metadata.tags*slow;fast"], 1, 600, False, "results")
         assert slow.total == 2
 
 
@@ -134,47 +136,49 @@ def test_upstream_json_paths_on_runs(session: Session) -> None:
     ],
 )
 def test_bad_task_queries_are_refused_clearly(
-    session: Session, arguments: dict[str, Any], message: str
+    populated: Session, arguments: dict[str, Any], message: str
 ) -> None:
     call: dict[str, Any] = {"filters": None, "page": 1, "page_size": 600, "estimate": False}
     call.update(arguments)
     kind = call.pop("kind", "results")
     with pytest.raises(QueryError, match=message):
-        task_query(session, kind=kind, **call)
+        task_query(populated, kind=kind, **call)
 
 
-def test_estimates_fall_back_to_exact_counts_when_small(session: Session) -> None:
-    page = task_query(session, None, 1, 600, True, "results")
+def test_estimates_fall_back_to_exact_counts_when_small(populated: Session) -> None:
+    page = task_query(populated, None, 1, 600, True, "results")
     assert (page.total, page.total_is_estimate) == (40, False)
-    page = task_query(session, ["result=failed"], 1, 600, True, "results")
+    page = task_query(populated, ["result=failed"], 1, 600, True, "results")
     assert (page.total, page.total_is_estimate) == (14, False)
 
 
 # --- query: structured, one project -----------------------------------------------------------
 
 
-def test_filters_are_scoped_to_the_project(session: Session) -> None:
-    page = run_query(session, kind="results", project="acme", filters=[["result", "eq", "failed"]])
+def test_filters_are_scoped_to_the_project(populated: Session) -> None:
+    page = run_query(
+        populated, kind="results", project="acme", filters=[["result", "eq", "failed"]]
+    )
     assert page.total == 10 and len(page.rows) == 10
     assert {row["result"] for row in page.rows} == {"failed"}
-    everything = run_query(session, kind="results", project="other")
+    everything = run_query(populated, kind="results", project="other")
     assert everything.total == 10  # never acme's rows
 
 
-def test_operators_metadata_and_paging(session: Session) -> None:
+def test_operators_metadata_and_paging(populated: Session) -> None:
     filters: list[list[object]] = [
         ["duration", "gte", 10],
         ["metadata.jira", "eq", "BUG-1"],
         ["test_id", "contains", "_1"],
     ]
-    page = run_query(session, kind="results", project="acme", filters=filters, page_size=2)
+    page = run_query(populated, kind="results", project="acme", filters=filters, page_size=2)
     assert page.total == 5  # 11, 13, 15, 17, 19
     assert len(page.rows) == 2
     second = run_query(
-        session, kind="results", project="acme", filters=filters, page=2, page_size=2
+        populated, kind="results", project="acme", filters=filters, page=2, page_size=2
     )
     assert {r["test_id"] for r in page.rows}.isdisjoint({r["test_id"] for r in second.rows})
-    newest = run_query(session, kind="results", project="acme", page_size=1)
+    newest = run_query(populated, kind="results", project="acme", page_size=1)
     assert newest.as_dict()["items"][0]["test_id"] == "test_0"  # newest first
 
 
@@ -194,21 +198,21 @@ def test_operators_metadata_and_paging(session: Session) -> None:
     ],
 )
 def test_bad_queries_are_refused_clearly(
-    session: Session, kwargs: dict[str, object], message: str
+    populated: Session, kwargs: dict[str, object], message: str
 ) -> None:
     arguments: dict[str, Any] = {"kind": "results", "project": "acme", **kwargs}
     with pytest.raises(QueryError, match=message):
-        run_query(session, **arguments)
+        run_query(populated, **arguments)
 
 
-def test_payload_is_capped(session: Session) -> None:
-    big = add_project(session, "big")
+def test_payload_is_capped(populated: Session) -> None:
+    big = add_project(populated, "big")
     start = utcnow()
     run = Run(id=uuid.uuid4(), project_id=big, start_time=start, created=start)
-    session.add(run)
-    session.flush()
+    populated.add(run)
+    populated.flush()
     blob = "x" * (MAX_PAYLOAD_BYTES // 4)
-    session.add_all(
+    populated.add_all(
         Result(
             id=uuid.uuid4(),
             project_id=big,
@@ -220,17 +224,17 @@ def test_payload_is_capped(session: Session) -> None:
         )
         for n in range(8)
     )
-    session.commit()
-    page = run_query(session, kind="results", project="big", page_size=8)
+    populated.commit()
+    page = run_query(populated, kind="results", project="big", page_size=8)
     assert page.truncated and page.as_dict()["truncated"]
     assert 0 < len(page.rows) < 8
     assert page.total == 8
-    upstream = task_query(session, [f"project_id={big}"], 1, 600, False, "results")
+    upstream = task_query(populated, [f"project_id={big}"], 1, 600, False, "results")
     assert upstream.as_task_result()["truncated"] is True
 
 
-def test_runs_and_estimated_counts(session: Session) -> None:
+def test_runs_and_estimated_counts(populated: Session) -> None:
     page = run_query(
-        session, kind="runs", project="acme", filters=[["component", "eq", "ui"]], estimate=True
+        populated, kind="runs", project="acme", filters=[["component", "eq", "ui"]], estimate=True
     )
     assert len(page.rows) == 1 and page.total == 1

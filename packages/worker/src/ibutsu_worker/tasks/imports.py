@@ -1,4 +1,4 @@
-"""``importers``: turn uploaded reports into runs and results.
+"""Imports: turn uploaded reports into runs and results.
 
 The API sends ``run_junit_import`` / ``run_archive_import`` with the whole import record (a
 dict, ``created`` in Kombu's datetime encoding); the architecture document's

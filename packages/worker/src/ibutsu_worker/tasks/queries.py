@@ -1,4 +1,4 @@
-"""``query``: heavy, paged queries answered by the workers."""
+"""Queries: heavy, paged queries answered by the workers."""
 
 from __future__ import annotations
 

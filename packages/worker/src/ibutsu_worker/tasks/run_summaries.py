@@ -1,4 +1,4 @@
-"""``runs``: keep run summaries true."""
+"""Run summaries: keep them true."""
 
 from __future__ import annotations
 

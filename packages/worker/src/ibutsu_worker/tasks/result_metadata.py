@@ -1,4 +1,4 @@
-"""``results``: result-level maintenance."""
+"""Result metadata: repair what old clients wrote."""
 
 from __future__ import annotations
 

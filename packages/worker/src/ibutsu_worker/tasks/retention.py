@@ -1,5 +1,5 @@
-"""``db``: prune old data in short batches, refuse dangerous retentions; clear stored reports;
-seed users."""
+"""Keeping the database small: prune old data in short batches (refusing dangerous
+retentions), and drop the stored report of a finished import."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from ibutsu_server import task_names
 from ibutsu_server.db.models import Import, ImportFile, ImportStatus
 from ibutsu_server.ibutsu_task import IbutsuTask
 from ibutsu_worker import metrics, pruning
-from ibutsu_worker.seeding import seed_users as seed
 
 
 def _prune(
@@ -74,9 +73,3 @@ def clear_import_file_content(self: IbutsuTask, import_id: str) -> str:
         return f"No content to clear for import {key}"
     self.session.execute(update(ImportFile).where(ImportFile.import_id == key).values(content=None))
     return f"Cleared {size} bytes from import_file for import {key}"
-
-
-@shared_task(bind=True, name=task_names.SEED_USERS)
-def seed_users(self: IbutsuTask, projects: Any = None) -> dict[str, Any]:
-    """Create users and add them to projects (upstream's admin task)."""
-    return seed(self.session, projects).as_dict()
