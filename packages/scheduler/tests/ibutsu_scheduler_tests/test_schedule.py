@@ -5,6 +5,7 @@ from __future__ import annotations
 from celery.schedules import crontab
 
 from ibutsu_scheduler.schedule import beat_schedule
+from ibutsu_server import task_names
 from ibutsu_server.settings import Retention, Role, load_settings
 
 ENV = {
@@ -19,9 +20,9 @@ ENV = {
 def test_document_schedule() -> None:
     schedule = beat_schedule(Retention())
     expected = {
-        "prune-old-artifact-files": ("ibutsu_server.tasks.db.prune_old_files", 4, (3,)),
-        "prune-old-results": ("ibutsu_server.tasks.db.prune_old_results", 5, (5,)),
-        "prune-old-runs": ("ibutsu_server.tasks.db.prune_old_runs", 6, (12,)),
+        "prune-old-artifact-files": (task_names.PRUNE_OLD_FILES, 4, (3,)),
+        "prune-old-results": (task_names.PRUNE_OLD_RESULTS, 5, (5,)),
+        "prune-old-runs": (task_names.PRUNE_OLD_RUNS, 6, (12,)),
     }
     for name, (task, hour, args) in expected.items():
         entry = schedule[name]
@@ -29,11 +30,11 @@ def test_document_schedule() -> None:
         assert entry["args"] == args
         assert entry["schedule"] == crontab(minute=0, hour=hour, day_of_week="sat")
     sync = schedule["sync-aborted-runs"]
-    assert sync["task"] == "ibutsu_server.tasks.runs.sync_aborted_runs"
+    assert sync["task"] == task_names.SYNC_ABORTED_RUNS
     assert sync["schedule"] == crontab(minute="*/30")
     assert "args" not in sync
     daily = schedule["prune-old-import-files"]
-    assert daily["task"] == "ibutsu_server.tasks.db.prune_old_import_files"
+    assert daily["task"] == task_names.PRUNE_OLD_IMPORT_FILES
     assert daily["args"] == (7,)
 
 

@@ -23,7 +23,8 @@ from ibutsu_worker.importing import landing as landing_module
 from ibutsu_worker.importing.archive import archive_records
 from ibutsu_worker.importing.errors import ReportError
 from ibutsu_worker.importing.landing import Landed, Upload
-from ibutsu_worker.importing.tar_reader import MAX_EXTENDED_HEADER
+from ibutsu_worker.importing.records import ArtifactRecord, Record, ResultRecord, RunRecord
+from ibutsu_worker.importing.tar_reader import MAX_EXTENDED_HEADER, members
 from ibutsu_worker.submission import Submitter
 from ibutsu_worker_tests.archives import Member, Sample, file, pack, sample, special
 from ibutsu_worker_tests.builders import ImportRunner
@@ -103,6 +104,47 @@ def project(session: Session, name: str) -> Project:
     session.add(found)
     session.commit()
     return found
+
+
+# --- the reader alone, without a database ----------------------------------------------------
+
+
+def read_archive(archive: bytes, limits: ImportLimits = LIMITS) -> list[Record]:
+    return list(archive_records(iter([archive[:100], archive[100:]]), limits))
+
+
+def test_reader_yields_checked_records_in_archive_order() -> None:
+    archive = sample()
+    records = read_archive(archive.archive())
+    assert [type(r).__name__ for r in records] == [
+        "RunRecord", "ArtifactRecord", "ResultRecord", "ResultRecord", "ArtifactRecord",
+        "ResultRecord", "ResultRecord",
+    ]  # fmt: skip
+    run = records[0]
+    assert isinstance(run, RunRecord)
+    assert (run.id, run.component, run.start_time) == (
+        uuid.UUID(archive.run_id),
+        "billing",
+        datetime(2026, 1, 2, 3, 0),
+    )
+    failed = records[3]
+    assert isinstance(failed, ResultRecord)
+    assert (str(failed.id), failed.result, failed.start_time) == (
+        archive.results[1]["id"],
+        "failed",
+        datetime(2026, 1, 2, 3, 1),  # "05:01+02:00" in UTC
+    )
+    artifact = records[4]
+    assert isinstance(artifact, ArtifactRecord)
+    assert (artifact.filename, artifact.result_id) == ("traceback.log", failed.id)
+
+
+def test_tar_members_are_checked_before_use() -> None:
+    archive = sample()
+    names = [m.name for m in members(iter([archive.archive()]), LIMITS)]
+    assert names[:2] == [archive.run_id, f"{archive.run_id}/run.json"]
+    with pytest.raises(ReportError, match="symbolic link"):
+        list(members(iter([archive.archive([special("x/l", tarfile.SYMTYPE, "/")])]), LIMITS))
 
 
 # --- landing --------------------------------------------------------------------------------------
@@ -432,6 +474,18 @@ HOSTILE: list[tuple[str, Build, dict[str, int], str]] = [
         "has no result.json",
     ),
 ]
+
+
+@pytest.mark.parametrize(
+    ("build", "limits", "reason"),
+    [pytest.param(build, limits, reason, id=name) for name, build, limits, reason in HOSTILE],
+)
+def test_the_reader_refuses_with_a_reason(
+    build: Build, limits: dict[str, int], reason: str
+) -> None:
+    with pytest.raises(ReportError) as caught:
+        read_archive(build(sample()), dataclasses.replace(LIMITS, **limits))
+    assert reason in str(caught.value)
 
 
 @pytest.mark.parametrize(
