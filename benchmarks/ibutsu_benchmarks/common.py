@@ -56,6 +56,7 @@ class Sizes:
     summary_table_results: int = 1_000_000
     summary_run_results: int = 100_000
     summary_repeats: int = 5
+    hostile_report_bytes: int = 20_000_000
 
     def quick(self) -> Sizes:
         """The smoke-test sizes: every count divided by QUICK_DIVISOR, as many repeats."""
@@ -66,6 +67,7 @@ class Sizes:
             prune_results=self.prune_results // QUICK_DIVISOR,
             summary_table_results=self.summary_table_results // QUICK_DIVISOR,
             summary_run_results=self.summary_run_results // QUICK_DIVISOR,
+            hostile_report_bytes=self.hostile_report_bytes // QUICK_DIVISOR,
         )
 
 

@@ -17,13 +17,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
 
-from ibutsu_benchmarks import import_bench, prune_bench, summary_bench
+from ibutsu_benchmarks import hostile_bench, import_bench, prune_bench, summary_bench
 from ibutsu_benchmarks.common import Figure, Sizes, say
 
 BENCHMARKS: dict[str, Callable[[Sizes, Path], list[Figure]]] = {
     import_bench.NAME: import_bench.run,
     prune_bench.NAME: prune_bench.run,
     summary_bench.NAME: summary_bench.run,
+    hostile_bench.NAME: hostile_bench.run,
 }
 HEADERS = ("benchmark", "metric", "measured", "baseline", "ratio", "target", "verdict")
 

@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 _JITTER = random.SystemRandom()
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    sa_exc.OperationalError,  # server gone, deadlock, serialization failure
     sa_exc.DisconnectionError,
     sa_exc.TimeoutError,  # no pool connection in time
     redis.exceptions.ConnectionError,
@@ -46,13 +45,36 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     ConnectionError,
     socket.timeout,
 )
+# The SQLSTATEs that pass on their own: a lost connection (class 08), the server shutting down
+# or starting (57P01-57P03), a serialization failure or deadlock (40001, 40P01), too many
+# connections (53300), a lock not granted in time (55P03). Anything else the server reports
+# (an index row too big, a value out of range, ...) is about the data: retrying cannot help.
+TRANSIENT_SQLSTATES = ("08", "57P01", "57P02", "57P03", "40001", "40P01", "53300", "55P03")
+# Failures without a SQLSTATE that no retry mends: the configuration or the schema is wrong.
+PERMANENT_MESSAGES = (
+    "authentication failed",
+    "does not exist",
+    "no such table",
+    "no such column",
+    "no pg_hba.conf entry",
+)
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True for failures that may pass on their own: lost connections and timeouts."""
-    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+    """True for failures that may pass on their own: lost connections, a server restarting,
+    deadlocks and serialization failures, timeouts. Never for bad input."""
+    if not isinstance(exc, sa_exc.DBAPIError):
+        return isinstance(exc, TRANSIENT_ERRORS)
+    if exc.connection_invalidated:
         return True
-    return isinstance(exc, TRANSIENT_ERRORS)
+    code = getattr(exc.orig, "pgcode", None)
+    if code:
+        return str(code).startswith(TRANSIENT_SQLSTATES)
+    if not isinstance(exc, sa_exc.OperationalError):
+        return False
+    # No SQLSTATE: the connection failed before the server said anything, or SQLite's lock.
+    message = str(exc.orig).lower()
+    return not any(permanent in message for permanent in PERMANENT_MESSAGES)
 
 
 def backoff_delay(

@@ -103,6 +103,12 @@ LIMITS = {
         64 * 1024 * 1024,
         "{found} is over the limit of {limit} bytes per file",
     ),
+    "max_deliveries": Limit(
+        "IBUTSU_IMPORT_MAX_DELIVERIES",
+        3,
+        "the worker died while importing it, {found} times; it was stopped so that it cannot "
+        "take down more workers",
+    ),
 }
 
 
@@ -115,6 +121,7 @@ class ImportLimits:
     max_archive_members: int = LIMITS["max_archive_members"].default
     max_archive_bytes: int = LIMITS["max_archive_bytes"].default
     max_artifact_bytes: int = LIMITS["max_artifact_bytes"].default
+    max_deliveries: int = LIMITS["max_deliveries"].default
 
     def refusal(self, name: str, found: object = "") -> str:
         """Why an input over the limit ``name`` is refused, naming the variable to change."""
@@ -176,8 +183,12 @@ def redact_url(url: str) -> str:
 
 def _redact_one(url: str) -> str:
     scheme, sep, rest = url.partition("://")
+    if not sep:
+        # Not scheme://: whatever stands before the last "@" may hold a password.
+        head, at, host = url.rpartition("@")
+        return f"{head.partition(':')[0]}:***@{host}" if at else url
     credentials, at, host = rest.rpartition("@")
-    if not sep or not at or ":" not in credentials:
+    if not at or ":" not in credentials:
         return url
     user = credentials.split(":", 1)[0]
     return f"{scheme}://{user}:***@{host}"
@@ -232,17 +243,36 @@ class _Reader:
         return value
 
     def url(self, name: str, *, required: bool, schemes: tuple[str, ...]) -> str:
+        """A URL (or Celery's 'url;url' list) of one of ``schemes``, each with its host."""
         value = self.text(name, required=required)
-        if value and urlsplit(value).scheme not in schemes:
-            self.problems.append(
-                f"{name} must be a URL with scheme {' or '.join(schemes)}, "
-                f"got {redact_url(value)!r}"
-            )
+        for part in value.split(";") if value else ():
+            scheme, sep, _ = part.partition("://")
+            if not sep or scheme not in schemes:
+                self.problems.append(
+                    f"{name} must be a URL scheme://host... with scheme "
+                    f"{' or '.join(schemes)}, got {redact_url(value)!r}"
+                )
+                return value
+            if scheme not in HOSTLESS_SCHEMES and not _host(part):
+                self.problems.append(f"{name} names no host: {redact_url(value)!r}")
+                return value
         return value
 
 
-BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "sentinel", "filesystem")
+def _host(url: str) -> str | None:
+    """The URL's host; None when it has none or its address or port is malformed."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        return None
+    return parts.hostname
+
+
+BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "sentinel")
 BACKEND_SCHEMES = ("redis", "rediss", "sentinel", "rpc", "db+postgresql", "db+sqlite")
+# Result backends that need no host: the broker's own reply queues, an SQLite file.
+HOSTLESS_SCHEMES = ("rpc", "db+sqlite")
 
 
 def _embedded_requested(role: Role, environ: Mapping[str, str]) -> bool:

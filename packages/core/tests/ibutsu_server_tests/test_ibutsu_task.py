@@ -112,8 +112,37 @@ def test_backoff_is_exponential_capped_and_jittered() -> None:
     assert len({round(d, 6) for d in delays[5:]}) == 3  # capped, yet not identical
 
 
-def test_transient_classification() -> None:
-    assert is_transient(OperationalError("SELECT 1", {}, Exception("server closed")))
-    assert is_transient(redis.exceptions.ConnectionError("reset"))
-    assert not is_transient(IntegrityError("INSERT", {}, Exception("duplicate key")))
-    assert not is_transient(ValueError("bad input"))
+class _PgError(Exception):
+    """What psycopg2 raises: a message and, when the server said it, a SQLSTATE."""
+
+    def __init__(self, message: str, pgcode: str | None = None) -> None:
+        super().__init__(message)
+        self.pgcode = pgcode
+
+
+@pytest.mark.parametrize(
+    ("error", "transient"),
+    [
+        (OperationalError("SELECT 1", {}, _PgError("server closed the connection")), True),
+        (OperationalError("SELECT 1", {}, _PgError("terminating connection", "57P01")), True),
+        (OperationalError("UPDATE", {}, _PgError("deadlock detected", "40P01")), True),
+        (OperationalError("UPDATE", {}, _PgError("could not serialize", "40001")), True),
+        (OperationalError("COPY", {}, _PgError("connection failure", "08006")), True),
+        (OperationalError("SELECT 1", {}, _PgError("database is locked")), True),  # SQLite
+        # Bad input, however psycopg2 classes it: never retried.
+        (OperationalError("INSERT", {}, _PgError("index row size exceeds", "54000")), False),
+        (OperationalError("SELECT", {}, _PgError("canceling statement", "57014")), False),
+        (
+            OperationalError(
+                "connect", {}, _PgError('password authentication failed for user "x"')
+            ),
+            False,
+        ),
+        (OperationalError("connect", {}, _PgError('database "x" does not exist')), False),
+        (IntegrityError("INSERT", {}, _PgError("duplicate key", "23505")), False),
+        (redis.exceptions.ConnectionError("reset"), True),
+        (ValueError("bad input"), False),
+    ],
+)
+def test_transient_classification(error: Exception, transient: bool) -> None:
+    assert is_transient(error) is transient

@@ -58,7 +58,7 @@ def test_every_problem_is_listed_at_once() -> None:
         load_settings(Role.WORKER, env)
     message = str(caught.value)
     for expected in (
-        "CELERY_BROKER_URL must be a URL with scheme",
+        "CELERY_BROKER_URL must be a URL scheme://host",
         "CELERY_RESULT_BACKEND is not set",
         "POSTGRESQL_PORT must be an integer",
         "POSTGRESQL_USER is not set",
@@ -168,7 +168,30 @@ def test_passwords_never_appear_in_errors_or_displays() -> None:
         ),
         ("redis://:top/secret@h/0", "redis://:***@h/0"),
         ("redis://:pa#ss?word@h:6379/0", "redis://:***@h:6379/0"),
+        # Not scheme://: everything before the host goes.
+        ("redis:/:s3cret@h:6379/0", "redis:***@h:6379/0"),
+        ("redis:user:s3cret@h", "redis:***@h"),
     ],
 )
 def test_redact_url(url: str, expected: str) -> None:
     assert redact_url(url) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis:/:s3cret@redis:6379/0", "must be a URL scheme://host"),
+        ("redis:s3cret@redis:6379/0", "must be a URL scheme://host"),
+        ("redis://:s3cret@/0", "names no host"),
+        ("redis://:s3cret@redis:notaport/0", "names no host"),
+        ("filesystem://", "must be a URL scheme://host"),
+        ("sentinel://:s3cret@h1:26379;sentinel:/h2", "must be a URL scheme://host"),
+    ],
+)
+def test_a_broker_url_needs_a_scheme_and_a_host_and_never_shows_its_password(
+    url: str, problem: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(Role.WORKER, {**BROKER, **DATABASE, "CELERY_BROKER_URL": url})
+    assert problem in str(caught.value)
+    assert "s3cret" not in str(caught.value)

@@ -21,7 +21,11 @@ def test_the_wire_names_producers_send() -> None:
         "ibutsu_server.tasks.runs.update_run",
         "ibutsu_server.tasks.runs.sync_aborted_runs",
     } == task_names.UPSTREAM
-    assert task_names.UPSTREAM | {
-        "ibutsu_server.tasks.importers.import_results",  # the architecture document's
-        "ibutsu_server.tasks.query.query",  # ours
-    } == task_names.ALL
+    assert (
+        task_names.UPSTREAM
+        | {
+            "ibutsu_server.tasks.importers.import_results",  # the architecture document's
+            "ibutsu_server.tasks.query.query",  # ours
+        }
+        == task_names.ALL
+    )

@@ -75,11 +75,19 @@ def _on_received(request: Any = None, **_kwargs: Any) -> None:
     metrics.RECEIVED.labels(*_labels(None, request)).inc()
 
 
-def _on_rejected(message: Any = None, **_kwargs: Any) -> None:
-    headers = getattr(message, "headers", None) or {}
-    delivery = getattr(message, "delivery_info", None) or {}
-    name = headers.get("task", "unknown")
-    metrics.REJECTED.labels(name, "unknown", delivery.get("routing_key") or "celery").inc()
+def _rejected_counter(app: Celery) -> Any:
+    def on_rejected(message: Any = None, **_kwargs: Any) -> None:
+        headers = getattr(message, "headers", None) or {}
+        delivery = getattr(message, "delivery_info", None) or {}
+        # Only a registered name becomes a label: a message can say anything, and every new
+        # label value would be a new series for good.
+        name = headers.get("task")
+        label = name if isinstance(name, str) and name in app.tasks else "unknown"
+        queue = delivery.get("routing_key")
+        queue = queue if queue in app.amqp.queues else "unknown"
+        metrics.REJECTED.labels(label, "unknown", queue).inc()
+
+    return on_rejected
 
 
 def _on_revoked(request: Any = None, **_kwargs: Any) -> None:
@@ -114,7 +122,7 @@ def install(app: Celery, settings: MetricsSettings | None) -> None:
         (task_failure, _on_failure),
         (task_retry, _on_retry),
         (task_received, _on_received),
-        (task_rejected, _on_rejected),
+        (task_rejected, _rejected_counter(app)),
         (task_revoked, _on_revoked),
         (after_task_publish, _on_published),
     )

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 
 MULTIPROC_VAR = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def prepare_multiprocess_dir() -> str:
-    """Point prometheus_client at an empty folder for this worker (the operator's
-    PROMETHEUS_MULTIPROC_DIR, or a new temporary one). prometheus_client picks its storage
-    when first imported, so this runs before anything imports it."""
-    directory = os.environ.get(MULTIPROC_VAR) or tempfile.mkdtemp(prefix="ibutsu-metrics-")
-    # Files left by an earlier worker in the same folder would be summed into ours.
-    shutil.rmtree(directory, ignore_errors=True)
-    os.makedirs(directory, exist_ok=True)
+    """Point prometheus_client at a new, empty folder of this worker's own: inside the
+    operator's PROMETHEUS_MULTIPROC_DIR when set, else in the system's temporary folder.
+
+    A folder of its own, because files left by another worker would be summed into ours; and
+    new, because nothing that was already there is ever deleted. prometheus_client picks its
+    storage when first imported, so this runs before anything imports it."""
+    parent = os.environ.get(MULTIPROC_VAR) or None
+    if parent is not None:
+        os.makedirs(parent, exist_ok=True)
+    directory = tempfile.mkdtemp(prefix="ibutsu-metrics-", dir=parent)
     os.environ[MULTIPROC_VAR] = directory
     return directory

@@ -370,7 +370,8 @@ def _count(
         )
         guess = max(int(rows or 0), 0)
     else:
-        compiled = query.compile(session.get_bind())
+        # Expanding parameters ("in" lists) rendered as plain ones: EXPLAIN takes any filter.
+        compiled = query.compile(session.get_bind(), compile_kwargs={"render_postcompile": True})
         # Bound by the driver, never pasted into the SQL text.
         plan: list[dict[str, Any]] = (
             session.connection()

@@ -4,11 +4,9 @@ order, hostile archives refused whole; on PostgreSQL and SQLite, and through a r
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import json
 import tarfile
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -24,9 +22,9 @@ from ibutsu_worker.importing.archive import archive_records
 from ibutsu_worker.importing.errors import ReportError
 from ibutsu_worker.importing.landing import Landed, Upload
 from ibutsu_worker.importing.records import ArtifactRecord, Record, ResultRecord, RunRecord
-from ibutsu_worker.importing.tar_reader import MAX_EXTENDED_HEADER, members
+from ibutsu_worker.importing.tar_reader import members
 from ibutsu_worker.submission import Submitter
-from ibutsu_worker_tests.archives import Member, Sample, file, pack, sample, special
+from ibutsu_worker_tests.archives import HOSTILE, Build, pack, sample, special
 from ibutsu_worker_tests.builders import ImportRunner
 from ibutsu_worker_tests.dbsession import migrated_session
 
@@ -308,174 +306,6 @@ def test_a_run_without_results(archive_session: Session) -> None:
 # --- refusals: each one names its reason and leaves nothing behind -------------------------------
 
 
-def blocks(members: Iterable[Member]) -> bytes:
-    """Raw tar blocks for ``members``, with no end-of-archive marker, for archives built by hand."""
-    out = b""
-    for info, content in members:
-        out += info.tobuf(format=tarfile.USTAR_FORMAT)
-        out += content + b"\0" * (-len(content) % tarfile.BLOCKSIZE)
-    return out
-
-
-def pax_chain(archive: Sample) -> bytes:
-    """A valid run, then extended headers that each announce another, thousands deep."""
-    record = b"19 comment=abcdefg\n"
-    header = tarfile.TarInfo("././@PaxHeader")
-    header.type = tarfile.XHDTYPE
-    header.size = len(record)
-    chain = blocks([(header, record)]) * 3000
-    tail = blocks([file(f"{archive.run_id}/late.log", b"x")]) + b"\0" * 2 * tarfile.BLOCKSIZE
-    return gzip.compress(blocks(archive.members()) + chain + tail)
-
-
-def with_pax(member: Member, comment: str) -> Member:
-    member[0].pax_headers = {"comment": comment}
-    return member
-
-
-def with_result(archive: Sample, **changes: Any) -> bytes:
-    archive.results[-1].update(changes)
-    return archive.archive()
-
-
-def with_byte(data: bytes, offset: int, value: int) -> bytes:
-    return data[:offset] + bytes([value]) + data[offset + 1 :]
-
-
-def bad_checksum(archive: Sample) -> bytes:
-    """Inflates cleanly; only the CRC-32 in the gzip trailer tells."""
-    data = archive.archive()
-    return with_byte(data, -8, data[-8] ^ 0xFF)
-
-
-Build = Callable[[Sample], bytes]
-HOSTILE: list[tuple[str, Build, dict[str, int], str]] = [
-    (
-        "dot-dot",
-        lambda a: a.archive([file(f"{a.run_id}/../escape.txt", b"x")]),
-        {},
-        "'..' would leave the archive",
-    ),
-    ("absolute", lambda a: a.archive([file("/etc/cron.d/evil", b"x")]), {}, "absolute paths"),
-    (
-        "symlink",
-        lambda a: a.archive([special(f"{a.run_id}/link", tarfile.SYMTYPE, "/etc/passwd")]),
-        {},
-        "symbolic link",
-    ),
-    (
-        "hard-link",
-        lambda a: a.archive([special(f"{a.run_id}/hard", tarfile.LNKTYPE, f"{a.run_id}/run.json")]),
-        {},
-        "hard link",
-    ),
-    ("fifo", lambda a: a.archive([special(f"{a.run_id}/pipe", tarfile.FIFOTYPE)]), {}, "FIFO"),
-    (
-        "device",
-        lambda a: a.archive([special(f"{a.run_id}/tty", tarfile.CHRTYPE)]),
-        {},
-        "character device",
-    ),
-    (
-        "too-many-members",
-        lambda a: a.archive(),
-        {"max_archive_members": 6},
-        "more than 6 members (IBUTSU_IMPORT_MAX_ARCHIVE_MEMBERS)",
-    ),
-    (
-        # 5 MB of zeros packs into a few kB: counted as inflated, not as the headers claim.
-        "too-many-bytes",
-        lambda a: a.archive([file(f"{a.run_id}/zeros.bin", bytes(5_000_000))]),
-        {"max_archive_bytes": 100_000, "max_artifact_bytes": 10_000_000},
-        "more than 100000 bytes (IBUTSU_IMPORT_MAX_ARCHIVE_BYTES)",
-    ),
-    (
-        "artifact-too-big",
-        lambda a: a.archive([file(f"{a.run_id}/big.log", bytes(3000))]),
-        {"max_artifact_bytes": 2000},
-        "of 3000 bytes is over the limit of 2000 bytes per file (IBUTSU_IMPORT_MAX_ARTIFACT_BYTES)",
-    ),
-    (
-        "too-many-results",
-        lambda a: a.archive(),
-        {"max_results": 3},
-        "the limit is 3 per import (IBUTSU_IMPORT_MAX_RESULTS)",
-    ),
-    (
-        "huge-extended-header",
-        lambda a: a.archive(
-            [with_pax(file(f"{a.run_id}/x.log", b"x"), "y" * (MAX_EXTENDED_HEADER + 1))]
-        ),
-        {"max_archive_bytes": 10_000_000},
-        "an extended tar header of",
-    ),
-    ("extended-header-chain", pax_chain, {}, "chains too many extended tar headers"),
-    (
-        # Past the 10-byte gzip header: a final deflate block of the reserved type 3.
-        "corrupt-deflate",
-        lambda a: with_byte(a.archive(), 10, 0b111),
-        {},
-        "the gzip data is damaged (Error -3 while decompressing data: invalid block type)",
-    ),
-    (
-        "bad-checksum",
-        bad_checksum,
-        {},
-        "the gzip data is damaged (Error -3 while decompressing data: incorrect data check)",
-    ),
-    ("truncated-gzip", lambda a: a.archive()[:-200], {}, "the gzip data ends early"),
-    ("not-a-tar", lambda a: gzip.compress(b"just text " * 200), {}, "not a readable tar.gz"),
-    (
-        "no-run-json",
-        lambda a: pack(m for m in a.members() if not m[0].name.endswith("run.json")),
-        {},
-        "there is no <run-uuid>/run.json",
-    ),
-    (
-        "bad-json",
-        lambda a: a.archive([file(f"{a.run_id}/{uuid.uuid4()}/result.json", b"{nope")]),
-        {},
-        "not valid UTF-8 JSON",
-    ),
-    (
-        "two-run-folders",
-        lambda a: a.archive([file(f"{uuid.uuid4()}/run.json", b"{}")]),
-        {},
-        "a second run folder",
-    ),
-    (
-        "top-folder-not-a-uuid",
-        lambda a: pack([file("results/run.json", b"{}")]),
-        {},
-        "top folder must be named after its run's UUID",
-    ),
-    (
-        "result-in-another-run",
-        lambda a: with_result(a, run_id=str(uuid.uuid4())),
-        {},
-        ": run_id is ",
-    ),
-    (
-        "result-id-not-its-folder",
-        lambda a: a.archive(
-            [file(f"{a.run_id}/{uuid.uuid4()}/result.json", json.dumps(a.results[0]).encode())]
-        ),
-        {},
-        ": id is ",
-    ),
-    ("unknown-outcome", lambda a: with_result(a, result="meh"), {}, "result is 'meh'"),
-    ("nan", lambda a: with_result(a, duration=float("nan")), {}, "not a finite number"),
-    ("nul", lambda a: with_result(a, test_id="a\x00b"), {}, "NUL character"),
-    ("bad-date", lambda a: with_result(a, start_time="yesterday"), {}, "not an ISO 8601 date"),
-    (
-        "orphan-artifact",
-        lambda a: a.archive([file(f"{a.run_id}/{uuid.uuid4()}/screenshot.png", b"png")]),
-        {},
-        "has no result.json",
-    ),
-]
-
-
 @pytest.mark.parametrize(
     ("build", "limits", "reason"),
     [pytest.param(build, limits, reason, id=name) for name, build, limits, reason in HOSTILE],
@@ -486,6 +316,7 @@ def test_the_reader_refuses_with_a_reason(
     with pytest.raises(ReportError) as caught:
         read_archive(build(sample()), dataclasses.replace(LIMITS, **limits))
     assert reason in str(caught.value)
+    assert len(str(caught.value)) < 400  # names and values are shortened in messages
 
 
 @pytest.mark.parametrize(

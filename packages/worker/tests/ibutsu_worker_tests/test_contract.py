@@ -408,3 +408,18 @@ def test_the_admin_pages_run_task_sends_keywords(ibutsu: Ibutsu, task: str) -> N
     if old_import is not None:
         assert isinstance(outcome, dict) and outcome["deleted"] == {"import_files": 1, "imports": 1}
     assert result.state == "SUCCESS"
+
+
+def test_a_query_that_cannot_be_answered_stores_its_reason_and_no_traceback(
+    ibutsu: Ibutsu,
+) -> None:
+    result = ibutsu.producer.send_task(
+        "ibutsu_server.tasks.query.query_task",
+        args=[["password=secret"], 1, 600, True, "results"],
+    )
+    assert result.get(timeout=30) == {
+        "error": "results cannot be filtered on 'password'; allowed: id, project_id, run_id, "
+        "test_id, result, params, duration, start_time, source, env, component, metadata.*"
+    }
+    meta = result.backend.get_task_meta(result.id)
+    assert meta["status"] == "SUCCESS" and meta.get("traceback") is None

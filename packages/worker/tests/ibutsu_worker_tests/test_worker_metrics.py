@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import uuid
 from pathlib import Path
 
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from ibutsu_server.db.migrate import upgrade
 from ibutsu_server.task_names import RUN_JUNIT_IMPORT as IMPORT
 from ibutsu_server.task_names import UPDATE_RUN
-from ibutsu_testing.services import free_port, http_get, running_worker, settings_for, wait_for
+from ibutsu_testing.services import (
+    REDIS_URL,
+    free_port,
+    http_get,
+    running_worker,
+    settings_for,
+    wait_for,
+)
 from ibutsu_worker.submission import Submitter
 
 CREDENTIALS = "prometheus:scrape-password-1"
@@ -34,6 +44,27 @@ def _value(
     )
 
 
+def _push_raw(prefix: str, routing_key: str) -> None:
+    """A message written straight into the queue's Redis list: no task header, a body that
+    is no task, a routing key of the writer's choosing (the worker rejects it)."""
+    message = {
+        "body": base64.b64encode(json.dumps([]).encode()).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {},
+        "properties": {
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": routing_key},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
+    client = redis.Redis.from_url(REDIS_URL)
+    client.lpush(f"{prefix}celery", json.dumps(message))
+    client.close()
+
+
 def test_metrics_count_every_child_once(service_environ: dict[str, str], tmp_path: Path) -> None:
     port = free_port()
     env = {
@@ -42,6 +73,9 @@ def test_metrics_count_every_child_once(service_environ: dict[str, str], tmp_pat
         "IBUTSU_METRICS_BASIC_AUTH": CREDENTIALS,
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
     }
+    # The operator's folder may hold other files: they must survive the worker.
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "keep.db").write_bytes(b"not ours")
     submitter = Submitter(settings_for(service_environ))
     upgrade(submitter.db.engine)
     sample = tmp_path / "sample.xml"
@@ -59,6 +93,11 @@ def test_metrics_count_every_child_once(service_environ: dict[str, str], tmp_pat
         assert http_get(port, "/metrics")[0] == 401
         assert http_get(port, "/metrics", "prometheus:wrong-password")[0] == 401
         imports = [submitter.submit(sample) for _ in range(3)]
+        # Whoever can write to the broker names what they like: an unregistered task, and a
+        # message the worker rejects, its routing key made up.
+        attacker = f"attacker.{uuid.uuid4().hex}"
+        submitter.celery.send_task(attacker, args=[])
+        _push_raw(env["IBUTSU_REDIS_KEY_PREFIX"], attacker)
         for _ in range(4):
             submitter.celery.send_task(UPDATE_RUN, args=[str(uuid.uuid4())])
         submitter.wait(imports, timeout=60)
@@ -68,7 +107,8 @@ def test_metrics_count_every_child_once(service_environ: dict[str, str], tmp_pat
             samples = _samples(text) if status == 200 else {}
             updates = _value(samples, "celery_task_succeeded_total", name=UPDATE_RUN)
             imported = _value(samples, "celery_task_succeeded_total", name=IMPORT)
-            return samples if (updates, imported) == (4, 3) else {}
+            rejected = _value(samples, "celery_task_rejected_total")
+            return samples if (updates, imported, rejected) == (4, 3, 1) else {}
 
         samples = wait_for(scraped, timeout=60)
     assert _value(samples, "celery_task_received_total", name=IMPORT) == 3
@@ -82,4 +122,6 @@ def test_metrics_count_every_child_once(service_environ: dict[str, str], tmp_pat
     assert _value(samples, "ibutsu_imports_total", format="junit", outcome="done") == 3
     assert _value(samples, "ibutsu_results_imported_total") == 6
     assert _value(samples, "ibutsu_summary_updates_total", outcome="missing") == 4
+    assert not [key for key in samples if any("attacker" in v for _, v in key[1])]
+    assert (tmp_path / "metrics" / "keep.db").read_bytes() == b"not ours"
     submitter.close()

@@ -4,8 +4,9 @@ Where upstream's API and frontend read it: ``imports.status`` (``pending``, ``ru
 ``done``, ``error``) and ``imports.data``, which the API shows as the import's ``metadata``.
 Besides what the API put there (``project_id``, ``source``, the uploader's ``metadata``), the
 workers record ``run_id`` (a list, as upstream), ``error`` (why it failed), ``started`` and
-``finished`` (ISO 8601, UTC) and ``result_count``; ``format`` (``junit``, ``archive``) goes in its
-own column. No table or column of our own is needed.
+``finished`` (ISO 8601, UTC), ``result_count``, and ``deliveries`` (how many times in a row the
+same message was started: a worker that dies mid-import gets the same message again);
+``format`` (``junit``, ``archive``) goes in its own column. No table or column of our own is needed.
 
 An import lands whole or not at all: the import's row is locked for the whole import, the run
 and its results are written inside a savepoint of the task's transaction, and the import
@@ -89,8 +90,22 @@ def run(task: IbutsuTask, import_id: uuid.UUID, limits: ImportLimits) -> Outcome
     record = _locked(session, import_id)
     if record is None:
         return None
+    data = record.data or {}
+    # The same message again (same task, same retry) means the worker died while importing it
+    # (Celery redelivers after a kill): a report that kills workers must stop, not loop.
+    delivery = f"{task.request.id}:{task.request.retries}"
+    last = data.get("deliveries") or {}
+    count = last.get("count", 0) + 1 if last.get("delivery") == delivery else 1
+    if count > limits.max_deliveries:
+        message = limits.refusal("max_deliveries", count - 1)
+        mark_error(session, import_id, message)
+        return Outcome(import_id, ImportStatus.ERROR, "unknown", error=message)
     record.status = ImportStatus.RUNNING
-    record.data = {**(record.data or {}), "started": utcnow().isoformat()}
+    record.data = {
+        **data,
+        "started": utcnow().isoformat(),
+        "deliveries": {"delivery": delivery, "count": count},
+    }
     task.checkpoint("the import shows as running")
     # Locked again, for the rest of the import: a second delivery waits here, then finds it done.
     record = _locked(session, import_id)

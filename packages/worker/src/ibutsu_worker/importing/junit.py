@@ -15,6 +15,7 @@ and xpass stay what they are, and testcases nested at any depth are read.
 
 from __future__ import annotations
 
+import itertools
 import re
 import xml.parsers.expat
 from collections.abc import Iterable, Iterator
@@ -33,6 +34,14 @@ NOT_A_REPORT = "not a JUnit report or Ibutsu archive"
 MAX_ATTRIBUTE_TEXT = 4096
 MAX_PROPERTIES = 1000
 MAX_DEPTH = 128
+# Expat 2.5 (this interpreter's) scans one token in time quadratic in its size, however it is
+# fed: a token (a comment, a tag with its attributes) may be this big, which real reports never
+# come near, and costs a fraction of a second at most.
+MAX_TOKEN_BYTES = 8 * 1024 * 1024
+_TOO_BIG = (
+    f"refused: more than {MAX_TOKEN_BYTES} bytes without an element or text "
+    "(a comment, tag or attribute that large)"
+)
 XPASS_MESSAGES = ("xfail-marked test passes unexpectedly",)
 _XPASS_STRICT = re.compile(r"^\[XPASS\(strict\)\]")
 _TEXT_ARTIFACTS = {"failure": "traceback.log", "error": "traceback.log"}
@@ -114,6 +123,8 @@ class JUnitReader:
         # A failure's text or a case's output becomes an artifact: as big as one may be.
         self.max_text = limits.max_artifact_bytes
         self.count = 0
+        self._events = 0  # handler calls so far: the parser's progress
+        self._last_event_at = 0  # where in the document the last one began
         self._run: RunRecord | None = None
         self._root: dict[str, str] = {}
         self._root_properties: dict[str, str] = {}
@@ -138,8 +149,8 @@ class JUnitReader:
     def records(self, chunks: Iterable[bytes]) -> Iterator[Record]:
         """Feed ``chunks`` of the report and yield its records."""
         try:
-            for chunk in chunks:
-                self._parser.Parse(chunk, False)
+            for data in self._fed(chunks):
+                self._parser.Parse(data, False)
                 yield from self._drain()
             self._parser.Parse(b"", True)
         except xml.parsers.expat.ExpatError as exc:
@@ -150,6 +161,28 @@ class JUnitReader:
             raise ReportError(f"{NOT_A_REPORT}: no <testsuite> element")
         self._open_run()
         yield from self._drain()
+
+    def _fed(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        """The chunks, joined while the parser is inside one token.
+
+        Expat before 2.6 scans a token it has not finished again from its start each time more
+        data comes (CVE-2023-52425). While a slice brings no event, slices are held back until
+        they add up to as much as was fed since the last event, so each rescan doubles the
+        data; and no stretch without an event may exceed MAX_TOKEN_BYTES."""
+        pending: list[bytes] = []
+        pending_size = stalled = 0
+        for chunk in itertools.chain(chunks, [b""]):  # b"": what is held back goes at the end
+            pending.append(chunk)
+            pending_size += len(chunk)
+            if chunk and pending_size < stalled:
+                continue
+            if stalled >= MAX_TOKEN_BYTES:
+                raise ReportError(_TOO_BIG)
+            events = self._events
+            yield b"".join(pending)
+            stalled = stalled + pending_size if self._events == events else 0
+            pending.clear()
+            pending_size = 0
 
     def _drain(self) -> Iterator[Record]:
         ready, self._ready = self._ready, []
@@ -179,7 +212,16 @@ class JUnitReader:
         self._open_run()
         self._ready.append(result)
 
+    def _progress(self) -> None:
+        """Count an event; refuse a stretch longer than MAX_TOKEN_BYTES since the last one."""
+        self._events += 1
+        at = self._parser.CurrentByteIndex
+        if at - self._last_event_at > MAX_TOKEN_BYTES:
+            raise ReportError(_TOO_BIG)
+        self._last_event_at = at
+
     def _start(self, name: str, attrs: dict[str, str]) -> None:
+        self._progress()
         parent = self._parents[-1] if self._parents else None
         self._parents.append(name)
         if len(self._parents) > MAX_DEPTH:
@@ -266,10 +308,12 @@ class JUnitReader:
             self._text = _Text(name, self.max_text)
 
     def _chars(self, data: str) -> None:
+        self._progress()
         if self._text is not None:
             self._text.add(data)
 
     def _end(self, name: str) -> None:
+        self._progress()
         self._parents.pop()
         if self._text is not None and name == self._text.element:
             self._store_text(self._text)

@@ -1,0 +1,106 @@
+"""The metrics and probe endpoint under abuse: a bounded number of threads, an absolute
+deadline per request, and readiness computed at most once per interval."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from ibutsu_server import http_endpoints
+from ibutsu_server.http_endpoints import MAX_CONNECTIONS, Endpoints, serve
+from ibutsu_server.settings import MetricsSettings
+from ibutsu_testing.services import free_port, http_get, wait_for
+
+CREDENTIALS = "prometheus:scrape-password-1"
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[int, list[int]]]:
+    """A served endpoint on a free port with a one-second request deadline; yields the port
+    and how many times readiness was really computed."""
+    monkeypatch.setattr(http_endpoints, "REQUEST_SECONDS", 1.0)
+    computed: list[int] = []
+
+    def ready() -> str | None:
+        computed.append(1)
+        return None
+
+    port = free_port()
+    endpoints = Endpoints(metrics=lambda: b"m 1\n", alive=lambda: None, ready=ready)
+    running = serve(MetricsSettings(port=port, basic_auth=CREDENTIALS), endpoints)
+    yield port, computed
+    running.shutdown()
+    running.server_close()
+
+
+def _idle_clients(port: int, count: int) -> list[socket.socket]:
+    clients = []
+    for _ in range(count):
+        client = socket.create_connection(("127.0.0.1", port))
+        client.sendall(b"GET /healthz HTTP/1.1\r\n")  # and never the rest
+        clients.append(client)
+    return clients
+
+
+def test_slow_clients_hold_a_bounded_number_of_threads_for_a_bounded_time(
+    server: tuple[int, list[int]],
+) -> None:
+    port, _ = server
+    before = threading.active_count()
+    clients = _idle_clients(port, 4 * MAX_CONNECTIONS)
+    try:
+        assert threading.active_count() <= before + MAX_CONNECTIONS
+        # Each slow client is dropped at its deadline, and the port answers again.
+        for client in clients[:MAX_CONNECTIONS]:
+            client.settimeout(10)
+            assert client.recv(1024) == b""
+        wait_for(lambda: http_get(port, "/healthz")[0] == 200, timeout=10)
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_a_client_that_trickles_bytes_is_cut_at_the_deadline(
+    server: tuple[int, list[int]],
+) -> None:
+    port, _ = server
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        client.settimeout(10)
+        closed = threading.Event()
+
+        def trickle() -> None:
+            try:
+                for byte in b"GET /healthz HTTP/1.1\r\nX-Slow: " + b"a" * 1000:
+                    client.sendall(bytes([byte]))
+                    if closed.wait(0.05):
+                        return
+            except OSError:
+                return
+
+        sender = threading.Thread(target=trickle, daemon=True)
+        sender.start()
+        try:
+            assert client.recv(1024) == b""  # closed by the server, long before 1000 bytes
+        finally:
+            closed.set()
+            sender.join(timeout=5)
+
+
+def test_readiness_is_computed_once_for_a_crowd(server: tuple[int, list[int]]) -> None:
+    port, computed = server
+    with ThreadPoolExecutor(max_workers=MAX_CONNECTIONS) as pool:
+        statuses = list(pool.map(lambda _: http_get(port, "/readyz")[0], range(200)))
+    assert set(statuses) <= {200, 0}  # answered, or closed when every slot was busy
+    assert statuses.count(200) >= MAX_CONNECTIONS
+    assert len(computed) <= 3  # cached for two seconds, whatever the load
+
+
+def test_metrics_need_the_credentials(server: tuple[int, list[int]]) -> None:
+    port, _ = server
+    assert http_get(port, "/metrics")[0] == 401
+    assert http_get(port, "/metrics", CREDENTIALS) == (200, "m 1\n")
+    assert http_get(port, "/nothing")[0] == 404
