@@ -5,9 +5,10 @@ pushed, the session commits when the task returns and rolls back when it raises,
 removed. Domain code never commits; a task that must make work visible before it ends (an
 import's "running", each pruning batch) calls :meth:`IbutsuTask.checkpoint`, by name. Only
 transient failures (the database or the broker going away, timeouts, deadlocks) are retried,
-with capped exponential backoff and jitter; bad input is never retried. Work that must happen
-when a task has failed for good (an import marked as failed) goes in :meth:`on_final_failure`,
-which runs in a session scope of its own.
+with capped exponential backoff and jitter, for a span of time (RETRY_BUDGET_SECONDS from the
+first failure) that outlasts a database failover; bad input is never retried. Work that must
+happen when a task has failed for good (an import marked as failed) goes in
+:meth:`on_final_failure`, which runs in a session scope of its own, tried a few times.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import logging
 import random
 import socket
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     from ibutsu_server.app_factory import FlaskCelery
 
 log = logging.getLogger(__name__)
+FIRST_FAILURE_HEADER = "ibutsu_first_failure"
 # From the OS on every call: a seeded generator would repeat itself in every forked child.
 _JITTER = random.SystemRandom()
 
@@ -65,8 +68,8 @@ def is_transient(exc: BaseException) -> bool:
     deadlocks and serialization failures, timeouts. Never for bad input."""
     if not isinstance(exc, sa_exc.DBAPIError):
         return isinstance(exc, TRANSIENT_ERRORS)
-    if exc.connection_invalidated:
-        return True
+    if exc.connection_invalidated or isinstance(exc, sa_exc.InterfaceError):
+        return True  # the connection is gone (InterfaceError: "connection already closed")
     code = getattr(exc.orig, "pgcode", None)
     if code:
         return str(code).startswith(TRANSIENT_SQLSTATES)
@@ -75,6 +78,17 @@ def is_transient(exc: BaseException) -> bool:
     # No SQLSTATE: the connection failed before the server said anything, or SQLite's lock.
     message = str(exc.orig).lower()
     return not any(permanent in message for permanent in PERMANENT_MESSAGES)
+
+
+class TransientFailure(Exception):
+    """What a retry reports: the failure in one line, without SQL or traceback."""
+
+
+def one_line(exc: BaseException) -> str:
+    """``exc`` as one short line: its type and the first line of its message."""
+    cause = getattr(exc, "orig", None) or exc
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    return f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
 
 
 def backoff_delay(
@@ -90,9 +104,15 @@ class IbutsuTask(Task):  # type: ignore[misc]
     """Base task: app context, one transaction per run, retries for transient failures only."""
 
     abstract = True
-    max_retries = 5
+    # Retries are bounded by time, not by count: RETRY_BUDGET_SECONDS after the first failure.
+    max_retries = None
+    retry_budget_seconds = 600.0
     retry_backoff_base = 2.0
-    retry_backoff_cap = 300.0
+    retry_backoff_cap = 60.0
+    # Attempts at recording a final failure (the database may still be away), and the pause
+    # before the first retry of it, doubled each time.
+    final_failure_attempts = 4
+    final_failure_pause = 1.0
 
     app: FlaskCelery
 
@@ -143,6 +163,14 @@ class IbutsuTask(Task):  # type: ignore[misc]
         it rolls back. ``options`` go to send_task (``countdown=5``, ``kwargs={...}``)."""
         self.after_commit(lambda: self.app.send_task(task_name, args=list(args), **options))
 
+    def _first_failure(self) -> float:
+        """When this task first failed (carried from retry to retry in a message header)."""
+        headers = self.request.headers or {}
+        first = headers.get(FIRST_FAILURE_HEADER) or getattr(
+            self.request, FIRST_FAILURE_HEADER, None
+        )
+        return float(first) if first else time.time()
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
             with self.session_scope():
@@ -150,29 +178,45 @@ class IbutsuTask(Task):  # type: ignore[misc]
         except Retry:
             raise
         except Exception as exc:
-            if is_transient(exc) and self.request.retries < self.max_retries:
+            first = self._first_failure()
+            if is_transient(exc) and time.time() - first < self.retry_budget_seconds:
                 delay = backoff_delay(
                     self.request.retries, base=self.retry_backoff_base, cap=self.retry_backoff_cap
                 )
                 log.warning(
-                    "%s[%s]: transient %s, retry %d/%d in %.1fs",
+                    "%s[%s]: %s; retry %d in %.1fs (retried until %.0fs after the first failure)",
                     self.name,
                     self.request.id,
-                    type(exc).__name__,
+                    one_line(exc),
                     self.request.retries + 1,
-                    self.max_retries,
                     delay,
+                    self.retry_budget_seconds,
                 )
-                raise self.retry(exc=exc, countdown=delay) from exc
+                headers = {**(self.request.headers or {}), FIRST_FAILURE_HEADER: first}
+                raise self.retry(
+                    exc=TransientFailure(one_line(exc)), countdown=delay, headers=headers
+                ) from None
             self._final_failure(exc, args, kwargs)
             raise
 
     def _final_failure(self, exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        try:
-            with self.session_scope() as session:
-                self.on_final_failure(session, exc, args, kwargs)
-        except Exception:
-            log.exception("%s[%s]: recording the failure failed", self.name, self.request.id)
+        pause = self.final_failure_pause
+        for attempt in range(1, self.final_failure_attempts + 1):
+            try:
+                with self.session_scope() as session:
+                    self.on_final_failure(session, exc, args, kwargs)
+                return
+            except Exception as problem:
+                if not is_transient(problem) or attempt == self.final_failure_attempts:
+                    log.error(
+                        "%s[%s]: could not record the failure (%s)",
+                        self.name,
+                        self.request.id,
+                        one_line(problem),
+                    )
+                    return
+                time.sleep(pause)
+                pause *= 2
 
     def on_final_failure(
         self, session: Session, exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]

@@ -24,10 +24,12 @@ POSTGRESQL_VARS = (
 )
 MIN_PASSWORD_LENGTH = 12
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-# Without a task time limit, a Redis message is redelivered after this long unacknowledged.
-DEFAULT_VISIBILITY_TIMEOUT = 6 * 3600
-# Redelivery must never overtake a task that is still allowed to run.
-VISIBILITY_MARGIN = 300
+# A message that nobody renewed for this long is handed to another worker: its worker is gone.
+# Workers renew the messages they hold (ibutsu_worker.leases), however long their tasks run.
+DEFAULT_VISIBILITY_TIMEOUT = 90
+# Seconds a warm shutdown (SIGTERM) waits for running tasks before it hands them back; inside
+# Kubernetes' default grace period of 30 s.
+DEFAULT_SOFT_SHUTDOWN_SECONDS = 20
 
 
 class Role(enum.Enum):
@@ -162,6 +164,7 @@ class Settings:
     result_expires: int
     task_time_limit: int | None
     visibility_timeout: int
+    soft_shutdown_seconds: int
     worker_loglevel: str
     redis_key_prefix: str
     import_limits: ImportLimits
@@ -331,28 +334,24 @@ def _read_retention(reader: _Reader) -> Retention:
 
 @dataclass(frozen=True)
 class _Execution:
-    """How a worker runs tasks: pool size, time limit, redelivery."""
+    """How a worker runs tasks: pool size, time limit, redelivery, shutdown."""
 
     concurrency: int = 1
     time_limit: int | None = None
     visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT
+    soft_shutdown_seconds: int = DEFAULT_SOFT_SHUTDOWN_SECONDS
 
 
 def _read_execution(reader: _Reader) -> _Execution:
-    time_limit = reader.integer("CELERY_TASK_TIME_LIMIT", None, minimum=1)
-    visibility = reader.count(
-        "CELERY_VISIBILITY_TIMEOUT",
-        (time_limit + VISIBILITY_MARGIN) if time_limit else DEFAULT_VISIBILITY_TIMEOUT,
-    )
-    if time_limit and visibility <= time_limit:
-        reader.problems.append(
-            f"CELERY_VISIBILITY_TIMEOUT ({visibility}) must be longer than "
-            f"CELERY_TASK_TIME_LIMIT ({time_limit}), or running tasks are delivered twice"
-        )
     return _Execution(
         concurrency=reader.count("CELERY_WORKER_CONCURRENCY", 1),
-        time_limit=time_limit,
-        visibility_timeout=visibility,
+        time_limit=reader.integer("CELERY_TASK_TIME_LIMIT", None, minimum=1),
+        visibility_timeout=reader.count(
+            "CELERY_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT, minimum=10
+        ),
+        soft_shutdown_seconds=reader.count(
+            "CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT", DEFAULT_SOFT_SHUTDOWN_SECONDS, minimum=0
+        ),
     )
 
 
@@ -408,6 +407,7 @@ def load_settings(role: Role, environ: Mapping[str, str] | None = None) -> Setti
         result_expires=86400 if expires is None else expires,
         task_time_limit=execution.time_limit,
         visibility_timeout=execution.visibility_timeout,
+        soft_shutdown_seconds=execution.soft_shutdown_seconds,
         worker_loglevel=loglevel,
         redis_key_prefix=env.get("IBUTSU_REDIS_KEY_PREFIX", "").strip(),
         import_limits=limits,

@@ -14,6 +14,7 @@ _PREFIX = "ibutsu_server.tasks."
 IMPORT_RESULTS = f"{_PREFIX}importers.import_results"  # (file_id): the architecture document's
 RUN_JUNIT_IMPORT = f"{_PREFIX}importers.run_junit_import"  # (import_): the API's, for .xml
 RUN_ARCHIVE_IMPORT = f"{_PREFIX}importers.run_archive_import"  # (import_): the API's, for .tar.gz
+RECOVER_IMPORTS = f"{_PREFIX}importers.recover_imports"  # ours: imports nobody will finish
 
 # db
 CLEAR_IMPORT_FILE_CONTENT = f"{_PREFIX}db.clear_import_file_content"
@@ -38,6 +39,7 @@ SYNC_ABORTED_RUNS = f"{_PREFIX}runs.sync_aborted_runs"
 ALL = frozenset(
     {
         IMPORT_RESULTS,
+        RECOVER_IMPORTS,
         RUN_JUNIT_IMPORT,
         RUN_ARCHIVE_IMPORT,
         CLEAR_IMPORT_FILE_CONTENT,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import random
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -18,7 +19,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from ibutsu_server.app_factory import FlaskCelery, create_flask_celery_app
 from ibutsu_server.db.migrate import upgrade
 from ibutsu_server.db.models import User
-from ibutsu_server.ibutsu_task import backoff_delay, is_transient
+from ibutsu_server.ibutsu_task import FIRST_FAILURE_HEADER, backoff_delay, is_transient
 from ibutsu_testing.services import REDIS_URL, settings_for
 from ibutsu_testing.tasks_app import BACKOFF_BASE, BACKOFF_CAP, RECORDED, register
 
@@ -61,6 +62,17 @@ def test_transient_database_error_is_retried_with_backoff(app: FlaskCelery) -> N
         assert ceiling / 2 <= countdown <= ceiling
     # The two failed attempts rolled back; only the third attempt's row is there.
     assert _users(app, f"{key}-%") == 1
+
+
+def test_retries_stop_when_the_time_budget_is_spent(app: FlaskCelery) -> None:
+    key = f"budget-{uuid.uuid4().hex}"
+    task = app.tasks["tests.lose_connection"]
+    # As if the first failure had been eleven minutes ago: this one is final.
+    spent = {FIRST_FAILURE_HEADER: time.time() - task.retry_budget_seconds - 60}
+    outcome = task.apply(args=[key, 5], headers=spent)
+    assert outcome.state == "FAILURE" and isinstance(outcome.result, OperationalError)
+    assert RECORDED[f"{key}:attempts"] == [0]
+    assert _users(app, f"{key}-%") == 0
 
 
 def test_bad_input_is_not_retried(app: FlaskCelery) -> None:

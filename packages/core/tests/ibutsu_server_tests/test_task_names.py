@@ -26,6 +26,7 @@ def test_the_wire_names_producers_send() -> None:
         | {
             "ibutsu_server.tasks.importers.import_results",  # the architecture document's
             "ibutsu_server.tasks.query.query",  # ours
+            "ibutsu_server.tasks.importers.recover_imports",  # ours
         }
         == task_names.ALL
     )

@@ -10,11 +10,14 @@ from ibutsu_server import task_names
 from ibutsu_server.settings import Retention
 
 SATURDAY = "sat"
+# How often imports nobody will finish (worker or message gone) are looked for.
+RECOVER_SECONDS = 120.0
 
 
 def beat_schedule(retention: Retention) -> dict[str, dict[str, Any]]:
-    """Weekly pruning on Saturday mornings, a daily prune of processed import files, and a
-    sync of aborted runs every 30 minutes (times in the app's timezone, UTC by default)."""
+    """Weekly pruning on Saturday mornings, a daily prune of processed import files, a sync
+    of aborted runs every 30 minutes (times in the app's timezone, UTC by default), and the
+    recovery of imports nobody will finish every two minutes."""
     return {
         "prune-old-artifact-files": {
             "task": task_names.PRUNE_OLD_FILES,
@@ -34,6 +37,10 @@ def beat_schedule(retention: Retention) -> dict[str, dict[str, Any]]:
         "sync-aborted-runs": {
             "task": task_names.SYNC_ABORTED_RUNS,
             "schedule": crontab(minute="*/30"),
+        },
+        "recover-imports": {
+            "task": task_names.RECOVER_IMPORTS,
+            "schedule": RECOVER_SECONDS,
         },
         "prune-old-import-files": {
             "task": task_names.PRUNE_OLD_IMPORT_FILES,

@@ -99,15 +99,21 @@ def _import(args: argparse.Namespace, submitter: Submitter) -> int:
     metadata = _metadata(args.metadata)
     import_ids = []
     for path in args.files:
-        import_id = submitter.submit(
-            Path(path), project_id=project_id, metadata=metadata, source=args.source
-        )
+        earlier = None if args.again else submitter.previous(Path(path), project_id)
+        if earlier is not None:
+            import_id, said = earlier.import_id, f"already imported as {earlier.import_id}"
+            said += f" ({earlier.status})"
+        else:
+            import_id = submitter.submit(
+                Path(path), project_id=project_id, metadata=metadata, source=args.source
+            )
+            said = f"queued as import {import_id}"
         import_ids.append(import_id)
         # Printed as soon as it is queued: a failure later never hides what was queued.
         print(
-            json.dumps({"file": path, "import_id": import_id})
+            json.dumps({"file": path, "import_id": import_id, "new": earlier is None})
             if args.json
-            else f"{path}: queued as import {import_id}",
+            else f"{path}: {said}",
             flush=True,
         )
     if not args.wait:
@@ -159,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--metadata", help="a JSON object added to the run and its results")
     imp.add_argument("--source", help="where the results come from")
     imp.add_argument("--wait", action="store_true", help="wait for the imports to finish")
+    imp.add_argument(
+        "--again",
+        action="store_true",
+        help="import files even when the same content was imported before for the project",
+    )
     imp.add_argument("--json", action="store_true")
     imp.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT)
     imp.set_defaults(handler=_import)

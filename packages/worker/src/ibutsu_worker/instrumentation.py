@@ -21,10 +21,11 @@ from celery.signals import (
     task_retry,
     task_revoked,
     task_success,
-    worker_ready,
+    worker_init,
 )
 from celery.worker import state as worker_state
 
+from ibutsu_server.app_factory import FlaskCelery
 from ibutsu_server.http_endpoints import Endpoints, serve
 from ibutsu_server.readiness import readiness_check
 from ibutsu_server.settings import MetricsSettings
@@ -112,9 +113,10 @@ def _queue_lengths(app: Celery) -> dict[str, int]:
     return lengths
 
 
-def install(app: Celery, settings: MetricsSettings | None) -> None:
-    """Connect the metric handlers; serve /metrics, /healthz and /readyz once the worker is
-    ready, when ``settings`` asks for it."""
+def install(app: FlaskCelery, settings: MetricsSettings | None) -> None:
+    """Connect the metric handlers; serve /metrics, /healthz and /readyz from the start of the
+    worker (before it reaches the broker: a worker waiting for its broker is alive, not ready),
+    when ``settings`` asks for it."""
     handlers = (
         (task_prerun, _on_prerun),
         (task_postrun, _on_postrun),
@@ -141,4 +143,4 @@ def install(app: Celery, settings: MetricsSettings | None) -> None:
         )
         app.endpoint = serve(settings, endpoints)
 
-    worker_ready.connect(start_endpoint, weak=False)
+    worker_init.connect(start_endpoint, weak=False)

@@ -4,11 +4,14 @@
 ``project_id``, ``metadata`` and ``source``) and its ``import_files`` row, commits, and only then
 enqueues ``run_junit_import`` or ``run_archive_import`` with the import record as the API
 serialises it: the command line, the demo and the benchmarks use the path a real deployment
-uses. Used by ``ibutsu-tasks`` and by the tests and benchmarks.
+uses. Used by ``ibutsu-tasks`` and by the tests and benchmarks. Each import also records the
+SHA-256 of its content (``data.sha256``), so the same file is never imported twice by
+running a command again (``previous``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -26,6 +29,13 @@ from ibutsu_server.settings import Role, Settings
 from ibutsu_worker.importing.job import mark_error
 
 POLL_SECONDS = 0.2
+# Sending waits out a broker restart: about a minute in all before it gives up.
+PUBLISH_RETRY = {
+    "max_retries": 12,
+    "interval_start": 0.5,
+    "interval_step": 1.0,
+    "interval_max": 8.0,
+}
 GZIP_MAGIC = b"\x1f\x8b"
 
 
@@ -134,7 +144,7 @@ class Submitter:
         limits = self.settings.import_limits
         if len(content) > limits.max_upload_bytes:
             raise SubmissionError(f"{path}: {limits.refusal('max_upload_bytes', len(content))}")
-        data: dict[str, Any] = {"metadata": metadata}
+        data: dict[str, Any] = {"metadata": metadata, "sha256": hashlib.sha256(content).hexdigest()}
         if project_id is not None:
             data["project_id"] = str(project_id)
         if source:
@@ -156,14 +166,42 @@ class Submitter:
             self.db.session.remove()
         return record
 
+    def previous(self, path: Path, project_id: uuid.UUID | None) -> Outcome | None:
+        """An import of the same content for the same project that did not fail, if any: a
+        command run again after an interruption must not import a file twice."""
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError as exc:
+            raise SubmissionError(f"cannot read {path}: {exc.strerror}") from None
+        project = str(project_id) if project_id else None
+        session = self.db.session()
+        try:
+            candidates = session.scalars(
+                select(Import)
+                .where(
+                    Import.data["sha256"].as_string() == digest,
+                    Import.status != ImportStatus.ERROR,
+                )
+                .order_by(Import.created.desc())
+            ).all()
+            found = next(
+                (r for r in candidates if (r.data or {}).get("project_id") == project), None
+            )
+        finally:
+            self.db.session.remove()
+        return self.outcome(str(found.id)) if found is not None else None
+
     def enqueue(self, record: Import, content_head: bytes) -> None:
-        """Send the import's task, by name, with the import record as its argument."""
+        """Send the import's task, by name, with the import record as its argument; a broker
+        that is away for a moment (a restart) is waited for, with backoff."""
         name = (
             task_names.RUN_ARCHIVE_IMPORT
             if content_head.startswith(GZIP_MAGIC)
             else task_names.RUN_JUNIT_IMPORT
         )
-        self.celery.send_task(name, args=[import_record(record)])
+        self.celery.send_task(
+            name, args=[import_record(record)], retry=True, retry_policy=PUBLISH_RETRY
+        )
 
     def submit(
         self,

@@ -104,3 +104,22 @@ def test_unreachable_broker_fails_the_import_instead_of_leaving_it_pending(
     assert [(status, data["error"]) for status, data in rows] == [
         ("error", "could not be queued: the broker is unreachable")
     ]
+
+
+def test_importing_the_same_file_again_never_imports_it_twice(
+    service_environ: dict[str, str], tmp_path: Path
+) -> None:
+    report = tmp_path / "r.xml"
+    report.write_text('<testsuite name="s"><testcase name="t"/></testsuite>')
+    assert _cli("db", "upgrade", **service_environ).returncode == 0
+    first = _cli("import", str(report), "--json", **service_environ)
+    again = _cli("import", str(report), "--json", **service_environ)
+    forced = _cli("import", str(report), "--json", "--again", **service_environ)
+    assert (first.returncode, again.returncode, forced.returncode) == (0, 0, 0), again.stderr
+    first_line, again_line, forced_line = (
+        json.loads(done.stdout.strip()) for done in (first, again, forced)
+    )
+    assert first_line["new"] and not again_line["new"] and forced_line["new"]
+    assert again_line["import_id"] == first_line["import_id"] != forced_line["import_id"]
+    said = _cli("import", str(report), **service_environ)
+    assert f"already imported as {first_line['import_id']} (pending)" in said.stdout

@@ -178,3 +178,49 @@ def test_import_results_takes_an_import_or_file_id(
     call(worker_app, task_names.IMPORT_RESULTS, str(first))
     call(worker_app, task_names.IMPORT_RESULTS, file_id=str(file_id))
     assert app_session.scalars(select(Import.status)).all() == ["done", "done"]
+
+
+def _aged_import(session: Session, status: str, age: timedelta, **data: Any) -> uuid.UUID:
+    record = Import(
+        id=uuid.uuid4(),
+        filename="r.xml",
+        format="",
+        status=status,
+        created=utcnow() - age,
+        data={"started": (utcnow() - age).isoformat(), **data},
+    )
+    session.add(record)
+    session.flush()
+    session.add(ImportFile(id=uuid.uuid4(), import_id=record.id, content=b"<testsuite/>"))
+    session.commit()
+    return record.id
+
+
+def test_recover_imports_requeues_what_nobody_will_finish(
+    worker_app: Celery, app_session: Session
+) -> None:
+    orphan = _aged_import(app_session, "running", timedelta(minutes=3))
+    held = _aged_import(app_session, "running", timedelta(minutes=3))
+    young = _aged_import(app_session, "running", timedelta(seconds=5))
+    hopeless = _aged_import(app_session, "running", timedelta(minutes=3), requeues=3)
+    lost = _aged_import(app_session, "pending", timedelta(minutes=10))
+    waiting = _aged_import(app_session, "pending", timedelta(minutes=10))
+    worker_app.send_task(task_names.RUN_JUNIT_IMPORT, args=[{"id": str(waiting)}])
+    with Session(worker_app.database.engine) as other:  # a live worker holds this one
+        other.get(Import, held, with_for_update=True)
+        found = call(worker_app, task_names.RECOVER_IMPORTS)
+        other.rollback()
+    assert sorted(found["requeued"]) == sorted([str(orphan), str(lost)])
+    assert found["failed"] == [str(hopeless)]
+    app_session.expire_all()
+    statuses = dict(app_session.execute(select(Import.id, Import.status)).all())
+    assert statuses == {
+        orphan: "pending", held: "running", young: "running", hopeless: "error",
+        lost: "pending", waiting: "pending",
+    }  # fmt: skip
+    data = app_session.get(Import, orphan).data  # type: ignore[union-attr]
+    assert data is not None and data["requeues"] == 1 and data["recovered"].startswith("its worker was lost")
+    requeued = [m["args"] for m in sent(worker_app) if m["task"] == task_names.IMPORT_RESULTS]
+    assert sorted(args[0] for args in requeued) == sorted([str(orphan), str(lost)])
+    error = app_session.get(Import, hopeless).data  # type: ignore[union-attr]
+    assert error is not None and "its worker was lost 3 times" in error["error"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -55,7 +56,26 @@ def make_engine(settings: DatabaseSettings, **kwargs: Any) -> Engine:
         **kwargs,
     )
     event.listen(engine, "checkin", _release_advisory_locks)
+    # The pool logs under its class's own logger name; a filter does not reach down to it.
+    logging.getLogger(f"sqlalchemy.pool.impl.{type(engine.pool).__name__}").addFilter(_QUIET_RESET)
     return engine
+
+
+class _QuietDeadConnectionReset(logging.Filter):
+    """The pool logs a traceback when it cannot roll back a connection the server has already
+    dropped (a restart, a failover): one line says it all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Exception during reset") and record.exc_info:
+            error = record.exc_info[1]
+            record.msg = "a connection the database dropped was discarded (%s)"
+            record.args = (str(error).strip().splitlines()[0] if error else "",)
+            record.exc_info = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+_QUIET_RESET = _QuietDeadConnectionReset()
 
 
 def _release_advisory_locks(dbapi_connection: Any, _record: Any) -> None:

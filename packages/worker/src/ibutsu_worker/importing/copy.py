@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -87,15 +88,19 @@ def copy_rows(session: Session, table: str, columns: Sequence[str], lines: Itera
     the server asks for them. What the lines' producer raises (bad input) aborts the COPY and
     is raised again as it was; the caller's rollback removes the rows."""
     dbapi_connection: Any = session.connection().connection.dbapi_connection
+    dbapi_error = session.get_bind().dialect.loaded_dbapi.Error
     source = _LineReader(iter(lines))
+    statement = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
     with dbapi_connection.cursor() as cursor:
         try:
-            cursor.copy_expert(
-                f"COPY {table} ({', '.join(columns)}) FROM STDIN", source, size=COPY_READ_SIZE
-            )
-        except Exception:
+            cursor.copy_expert(statement, source, size=COPY_READ_SIZE)
+        except Exception as exc:
             if source.error is not None:
                 raise source.error from None
+            if isinstance(exc, dbapi_error):
+                # As SQLAlchemy raises it for any other statement, so it is classified alike
+                # (a lost connection is retried, bad data is not).
+                raise sa_exc.DBAPIError.instance(statement, None, exc, dbapi_error) from exc
             raise
 
 

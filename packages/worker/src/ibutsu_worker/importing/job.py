@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +114,7 @@ def run(task: IbutsuTask, import_id: uuid.UUID, limits: ImportLimits) -> Outcome
         return None
     fmt = "unknown"
     savepoint = session.begin_nested()
+    chunks: Generator[bytes] | None = None
     try:
         file_id, length = _stored_file(session, record.id, limits)
         chunks = content_chunks(session.get_bind().engine, file_id, length)
@@ -126,6 +128,9 @@ def run(task: IbutsuTask, import_id: uuid.UUID, limits: ImportLimits) -> Outcome
         savepoint.rollback()
         mark_error(session, import_id, str(exc), fmt)
         return Outcome(import_id, ImportStatus.ERROR, fmt, error=str(exc))
+    finally:
+        if chunks is not None:
+            chunks.close()  # its connection back now, not whenever the generator is collected
     _mark_done(session, record, fmt, landed, file_id)
     return Outcome(import_id, ImportStatus.DONE, fmt, landed.results, landed.run_id)
 
@@ -191,13 +196,14 @@ def _upload(session: Session, record: Import) -> Upload:
     )
 
 
-def content_chunks(engine: Engine, import_file_id: uuid.UUID, length: int) -> Iterator[bytes]:
+def content_chunks(engine: Engine, import_file_id: uuid.UUID, length: int) -> Generator[bytes]:
     """The stored report in CHUNK_SIZE slices, so the whole file is never in memory at once.
 
     Read on a connection of its own: the import's connection is busy streaming a COPY while
     the reader asks for the next slice. The stored bytes never change, so no snapshot is shared.
     """
-    with engine.connect() as connection:
+    connection = engine.connect()
+    try:
         for offset in range(0, length, CHUNK_SIZE):
             chunk = connection.scalar(
                 select(func.substr(ImportFile.content, offset + 1, CHUNK_SIZE)).where(
@@ -205,6 +211,10 @@ def content_chunks(engine: Engine, import_file_id: uuid.UUID, length: int) -> It
                 )
             )
             yield bytes(chunk or b"")
+    finally:
+        # The database may have gone away meanwhile: closing must not raise over that.
+        with suppress(Exception):
+            connection.close()
 
 
 def _prepend(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:

@@ -18,7 +18,8 @@ from sqlalchemy.orm import Session
 from ibutsu_server import task_names
 from ibutsu_server.ibutsu_task import IbutsuTask
 from ibutsu_worker import metrics
-from ibutsu_worker.importing import job
+from ibutsu_worker.importing import job, recovery
+from ibutsu_worker.importing.broker_scan import queued_import_ids
 
 log = logging.getLogger(__name__)
 
@@ -79,3 +80,15 @@ def import_results(self: ImportTask, file_id: str) -> None:
     """Import the report of an import, by the import's id (or one of its files' ids)."""
     key = job.import_id_of(file_id)
     _run(self, key and job.find_import(self.session, key), file_id)
+
+
+@shared_task(bind=True, name=task_names.RECOVER_IMPORTS)
+def recover_imports(self: IbutsuTask) -> dict[str, list[str]]:
+    """Queue again the imports nobody will finish (their worker or their message is gone), or
+    give them up with the reason; the scheduler sends this every two minutes."""
+    found = recovery.recover(
+        self.session, self.settings.import_limits, lambda: queued_import_ids(self.app)
+    )
+    for import_id in found.requeue:
+        self.send_after_commit(task_names.IMPORT_RESULTS, str(import_id))
+    return found.as_dict()
