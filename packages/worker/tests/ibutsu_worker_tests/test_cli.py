@@ -122,4 +122,4 @@ def test_importing_the_same_file_again_never_imports_it_twice(
     assert first_line["new"] and not again_line["new"] and forced_line["new"]
     assert again_line["import_id"] == first_line["import_id"] != forced_line["import_id"]
     said = _cli("import", str(report), **service_environ)
-    assert f"already imported as {first_line['import_id']} (pending)" in said.stdout
+    assert f"already imported as {forced_line['import_id']} (pending)" in said.stdout  # newest

@@ -219,7 +219,11 @@ def test_recover_imports_requeues_what_nobody_will_finish(
         lost: "pending", waiting: "pending",
     }  # fmt: skip
     data = app_session.get(Import, orphan).data  # type: ignore[union-attr]
-    assert data is not None and data["requeues"] == 1 and data["recovered"].startswith("its worker was lost")
+    assert (
+        data is not None
+        and data["requeues"] == 1
+        and data["recovered"].startswith("its worker was lost")
+    )
     requeued = [m["args"] for m in sent(worker_app) if m["task"] == task_names.IMPORT_RESULTS]
     assert sorted(args[0] for args in requeued) == sorted([str(orphan), str(lost)])
     error = app_session.get(Import, hopeless).data  # type: ignore[union-attr]
