@@ -25,6 +25,7 @@ UNIT_FORMATS = {
     "MB": "{:.1f} MB",
     "s": "{:.2f} s",
     "ms": "{:.1f} ms",
+    "imports/s": "{:,.0f} imports/s",
 }
 
 
@@ -57,6 +58,7 @@ class Sizes:
     summary_run_results: int = 100_000
     summary_repeats: int = 5
     hostile_report_bytes: int = 20_000_000
+    load_imports: int = 10_000
 
     def quick(self) -> Sizes:
         """The smoke-test sizes: every count divided by QUICK_DIVISOR, as many repeats."""
@@ -68,6 +70,7 @@ class Sizes:
             summary_table_results=self.summary_table_results // QUICK_DIVISOR,
             summary_run_results=self.summary_run_results // QUICK_DIVISOR,
             hostile_report_bytes=self.hostile_report_bytes // QUICK_DIVISOR,
+            load_imports=self.load_imports // QUICK_DIVISOR,
         )
 
 

@@ -17,7 +17,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
 
-from ibutsu_benchmarks import hostile_bench, import_bench, prune_bench, summary_bench
+from ibutsu_benchmarks import (
+    hostile_bench,
+    import_bench,
+    load_bench,
+    prune_bench,
+    summary_bench,
+)
 from ibutsu_benchmarks.common import Figure, Sizes, say
 
 BENCHMARKS: dict[str, Callable[[Sizes, Path], list[Figure]]] = {
@@ -25,6 +31,7 @@ BENCHMARKS: dict[str, Callable[[Sizes, Path], list[Figure]]] = {
     prune_bench.NAME: prune_bench.run,
     summary_bench.NAME: summary_bench.run,
     hostile_bench.NAME: hostile_bench.run,
+    load_bench.NAME: load_bench.run,
 }
 HEADERS = ("benchmark", "metric", "measured", "baseline", "ratio", "target", "verdict")
 

@@ -3,7 +3,9 @@
 It owns the transaction. Each run of a task gets one session scope: the Flask app context is
 pushed, the session commits when the task returns and rolls back when it raises, and is always
 removed. Domain code never commits; a task that must make work visible before it ends (an
-import's "running", each pruning batch) calls :meth:`IbutsuTask.checkpoint`, by name. Only
+import's "running", each pruning batch) calls :meth:`IbutsuTask.checkpoint`, by name, and one
+that must drop its work but go on (a bad report, whose failure is recorded) calls
+:meth:`IbutsuTask.abandon`. Only
 transient failures (the database or the broker going away, timeouts, deadlocks) are retried,
 with capped exponential backoff and jitter, for a span of time (RETRY_BUDGET_SECONDS from the
 first failure) that outlasts a database failover; bad input is never retried. Work that must
@@ -153,6 +155,12 @@ class IbutsuTask(Task):  # type: ignore[misc]
         follow-ups queued with send_after_commit until now are sent."""
         log.debug("%s[%s]: checkpoint: %s", self.name, self.request.id, reason)
         self.session.commit()
+
+    def abandon(self, reason: str) -> None:
+        """Roll back now, on purpose, dropping the work since the last checkpoint (``reason``
+        says why); the task goes on in a new transaction."""
+        log.debug("%s[%s]: abandon: %s", self.name, self.request.id, reason)
+        self.session.rollback()
 
     def after_commit(self, callback: Callable[[], Any]) -> None:
         """Run ``callback`` once this task's transaction commits; never if it rolls back."""

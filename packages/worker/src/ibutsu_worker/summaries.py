@@ -1,4 +1,5 @@
-"""Run summaries computed by SQL aggregates, never by loading results into Python.
+"""Run summaries computed by SQL aggregates, never by loading results into Python (or, for a
+run an import is creating, tallied from the rows as they are written).
 
 What a summary holds is upstream's ``update_run``: counts by outcome (SUMMARY_COUNTERS), every
 result in ``tests``, ``passes`` what is left, ``pass_percent`` floored and clamped, ``collected``
@@ -12,11 +13,14 @@ from __future__ import annotations
 
 import enum
 import uuid
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.orm import Session
 
+from ibutsu_server.db.engine import will_take_session_locks
 from ibutsu_server.db.models import SUMMARY_COUNTERS, Result, Run
 
 METADATA_TO_COPY = ("jenkins", "tags")
@@ -40,64 +44,113 @@ def build_summary(counts: dict[str, int], tests: int, collected: int) -> dict[st
     return summary
 
 
+@dataclass
+class Tally:
+    """A run's results counted by summary counter, their total duration and earliest start."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    tests: int = 0
+    duration: float = 0.0
+    first: datetime | None = None
+
+    def add(
+        self, outcome: str | None, count: int, seconds: float | None, started: datetime | None
+    ) -> bool:
+        """Count ``count`` results of ``outcome``; True when ``started`` is the earliest yet."""
+        self.tests += count
+        self.duration += seconds or 0.0
+        key = SUMMARY_COUNTERS.get(outcome or "")
+        if key:
+            self.counts[key] = self.counts.get(key, 0) + count
+        if started is not None and (self.first is None or started < self.first):
+            self.first = started
+            return True
+        return False
+
+
+@dataclass(frozen=True)
+class FirstResult:
+    """What the run's first result (by start time) can lend the run."""
+
+    data: dict[str, Any]
+    columns: dict[str, Any]  # some of COLUMNS_TO_COPY
+
+
+def summarise(
+    run: Run,
+    tally: Tally,
+    first: FirstResult | None,
+    *,
+    collected: int | None = None,
+    start_at_first: bool = False,
+) -> dict[str, int]:
+    """Store on ``run`` the summary and duration of its ``tally``, and what it lacks of its
+    ``first`` result; ``collected`` replaces the stored count when given, ``start_at_first``
+    moves the run's start back to its first result's when that is earlier."""
+    if collected is None:
+        collected = int((run.summary or {}).get("collected") or 0)
+    if first is not None:
+        metadata = dict(run.data or {})
+        for key in METADATA_TO_COPY:
+            if not metadata.get(key) and first.data.get(key):
+                metadata[key] = first.data[key]
+        if metadata != (run.data or {}):
+            run.data = metadata
+        for column, value in first.columns.items():
+            if value and not getattr(run, column):
+                setattr(run, column, value)
+    first_start = tally.first
+    if start_at_first and first_start is not None:
+        run.start_time = min(run.start_time or first_start, first_start)
+    run.summary = build_summary(tally.counts, tally.tests, collected)
+    run.duration = tally.duration
+    return run.summary
+
+
 def update_summary(
-    session: Session, run_id: uuid.UUID, *, collected: int | None = None
+    session: Session,
+    run_id: uuid.UUID,
+    *,
+    collected: int | None = None,
+    start_at_first: bool = False,
 ) -> dict[str, int] | None:
-    """Recompute and store the run's summary (``collected`` replaces the stored one when
-    given). Returns the summary, or None when the run does not exist.
+    """Recompute and store the run's summary from its results (see :func:`summarise`).
+    Returns the summary, or None when the run does not exist.
 
     The run's row is locked first, so a summary is never computed from a snapshot older than a
-    transaction (an import) that still holds the run."""
+    transaction (an import) that still holds the run. Everything read comes first and the run
+    is changed last, so the run is written by one UPDATE."""
     run = session.get(Run, run_id, with_for_update={"key_share": True}, populate_existing=True)
     if run is None:
         return None
-    counts: dict[str, int] = {}
-    tests, duration, first = 0, 0.0, None
+    tally = Tally()
     rows = session.execute(
         select(Result.result, func.count(), func.sum(Result.duration), func.min(Result.start_time))
         .where(Result.run_id == run_id)
         .group_by(Result.result)
     )
     for outcome, count, seconds, earliest in rows:
-        tests += count
-        duration += seconds or 0.0
-        first = earliest if first is None or earliest < first else first
-        key = SUMMARY_COUNTERS.get(outcome or "")
-        if key:
-            counts[key] = counts.get(key, 0) + count
-    if collected is None:
-        collected = int((run.summary or {}).get("collected") or 0)
-    run.summary = build_summary(counts, tests, collected)
-    run.duration = duration
-    if first is not None:
-        _copy_from_first_result(session, run, first)
-    return run.summary
+        tally.add(outcome, count, seconds, earliest)
+    first = _first_result(session, run, tally.first) if tally.first is not None else None
+    return summarise(run, tally, first, collected=collected, start_at_first=start_at_first)
 
 
-def _copy_from_first_result(session: Session, run: Run, started: datetime) -> None:
-    metadata = dict(run.data or {})
-    wanted_keys = [key for key in METADATA_TO_COPY if not metadata.get(key)]
+def _first_result(session: Session, run: Run, started: datetime) -> FirstResult | None:
+    """What the run lacks, from the result that started first; None when it lacks nothing."""
+    wanted_keys = [key for key in METADATA_TO_COPY if not (run.data or {}).get(key)]
     wanted_columns = [column for column in COLUMNS_TO_COPY if not getattr(run, column)]
     if not wanted_keys and not wanted_columns:
-        return
+        return None
     # By its start time, which the aggregate found: the start-time index finds the row at
     # once, where ordering the run's results would read them all.
-    first = session.execute(
+    row = session.execute(
         select(Result.data, *(getattr(Result, column) for column in wanted_columns))
         .where(Result.run_id == run.id, Result.start_time == started)
         .limit(1)
     ).first()
-    if first is None:
-        return
-    data = first[0] or {}
-    for key in wanted_keys:
-        if data.get(key):
-            metadata[key] = data[key]
-    if metadata != (run.data or {}):
-        run.data = metadata
-    for column, value in zip(wanted_columns, first[1:], strict=True):
-        if value:
-            setattr(run, column, value)
+    if row is None:
+        return None
+    return FirstResult(row[0] or {}, dict(zip(wanted_columns, row[1:], strict=True)))
 
 
 class UpdateOutcome(enum.Enum):
@@ -126,6 +179,7 @@ def coalesced_update(session: Session, run_id: uuid.UUID) -> UpdateOutcome:
     if session.get_bind().dialect.name != "postgresql":
         return UpdateOutcome.UPDATED if update_summary(session, run_id) else UpdateOutcome.MISSING
     waiting, running = _lock_keys(run_id)
+    will_take_session_locks(session)
     if not session.scalar(select(func.pg_try_advisory_lock(waiting))):
         return UpdateOutcome.COALESCED
     # Session-level, released as soon as this update runs; should an error come in between,

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import threading
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
 from ibutsu_server.db.models import Result, Run, utcnow
@@ -56,6 +56,22 @@ def test_summary_as_upstream_defines_it(session: Session) -> None:
     assert run.component == "api"  # already set: kept
     assert run.env == "stage"  # empty: from the first result
     assert run.data == {"tags": ["mine"], "jenkins": {"job_name": "j"}}  # only what it lacked
+
+
+def test_an_import_moves_its_run_back_to_its_first_result(session: Session) -> None:
+    first = utcnow().replace(microsecond=0) - timedelta(hours=1)
+    run_id = add_run(session, ["passed", "failed"], start=first)
+
+    def started_at(when: datetime, *, start_at_first: bool) -> datetime:
+        session.execute(update(Run).where(Run.id == run_id).values(start_time=when))
+        update_summary(session, run_id, start_at_first=start_at_first)
+        session.commit()
+        return session.scalars(select(Run.start_time).where(Run.id == run_id)).one()
+
+    later, earlier = first + timedelta(minutes=5), first - timedelta(minutes=5)
+    assert started_at(later, start_at_first=False) == later  # update_run keeps the run's own
+    assert started_at(later, start_at_first=True) == first  # an import: its first result's
+    assert started_at(earlier, start_at_first=True) == earlier  # never later than the report's
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from ibutsu_server.settings import DatabaseSettings
 POOL_RECYCLE_SECONDS = 1800
 SQLITE_BUSY_TIMEOUT_SECONDS = 30
 _AFTER_COMMIT = "ibutsu_after_commit"
+_HOLDS_SESSION_LOCKS = "ibutsu_holds_session_locks"
 
 
 def database_url(settings: DatabaseSettings) -> URL:
@@ -78,9 +79,18 @@ class _QuietDeadConnectionReset(logging.Filter):
 _QUIET_RESET = _QuietDeadConnectionReset()
 
 
-def _release_advisory_locks(dbapi_connection: Any, _record: Any) -> None:
+def will_take_session_locks(session: Session) -> None:
+    """Say that the session's connection is about to take session-level advisory locks: it
+    releases them all when it goes back to the pool, whatever happened in between."""
+    session.connection().info[_HOLDS_SESSION_LOCKS] = True
+
+
+def _release_advisory_locks(dbapi_connection: Any, record: Any) -> None:
     """A connection goes back to the pool holding no session-level advisory lock, so a lock
-    that an interrupted task held can never outlive the task."""
+    that an interrupted task held can never outlive the task. Only connections that said they
+    would take one pay the round trip."""
+    if not record.info.pop(_HOLDS_SESSION_LOCKS, False):
+        return
     if dbapi_connection is None:  # invalidated: the server dropped its locks with it
         return
     try:

@@ -9,10 +9,10 @@ same message was started: a worker that dies mid-import gets the same message ag
 ``format`` (``junit``, ``archive``) goes in its own column. No table or column of our own is needed.
 
 An import lands whole or not at all: the import's row is locked for the whole import, the run
-and its results are written inside a savepoint of the task's transaction, and the import
-becomes ``done`` in that same transaction, or, if the report is bad, the savepoint is rolled
-back and only ``error`` and its reason are recorded. A redelivered task finds the import
-finished, or waits for the row and then does.
+and its results are written in the task's transaction, and the import becomes ``done`` in that
+same transaction, or, if the report is bad, that transaction is rolled back and only ``error``
+and its reason are recorded, in a new one. A redelivered task finds the import finished, or
+waits for the row and then does.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, Select, and_, func, select, update
 from sqlalchemy.orm import Session
 
 from ibutsu_server.db.models import Import, ImportFile, ImportStatus, Project, utcnow
@@ -88,9 +88,10 @@ def run(task: IbutsuTask, import_id: uuid.UUID, limits: ImportLimits) -> Outcome
     """Run the import ``import_id`` in ``task``'s transaction; None when there is nothing to do
     (no such import, or already finished)."""
     session = task.session
-    record = _locked(session, import_id)
-    if record is None:
+    claimed = _locked(session, import_id)
+    if claimed is None:
         return None
+    record = claimed[0]
     data = record.data or {}
     # The same message again (same task, same retry) means the worker died while importing it
     # (Celery redelivers after a kill): a report that kills workers must stop, not loop.
@@ -109,42 +110,72 @@ def run(task: IbutsuTask, import_id: uuid.UUID, limits: ImportLimits) -> Outcome
     }
     task.checkpoint("the import shows as running")
     # Locked again, for the rest of the import: a second delivery waits here, then finds it done.
-    record = _locked(session, import_id)
-    if record is None:
+    claimed = _locked(session, import_id, with_file=True)
+    if claimed is None:
         return None
+    record, stored = claimed
     fmt = "unknown"
-    savepoint = session.begin_nested()
     chunks: Generator[bytes] | None = None
     try:
-        file_id, length = _stored_file(session, record.id, limits)
-        chunks = content_chunks(session.get_bind().engine, file_id, length)
+        if stored is None:
+            raise ReportError("the uploaded file is missing: nothing was stored for this import")
+        if stored.length > limits.max_upload_bytes:
+            raise ReportError(limits.refusal("max_upload_bytes", stored.length))
+        chunks = content_chunks(session.get_bind().engine, stored.id, stored.length, stored.head)
         head = next(chunks, b"")
         fmt = detect_format(head)
         landed = land(
             session, _upload(session, record), READERS[fmt](_prepend(head, chunks), limits)
         )
-        savepoint.commit()
     except ReportError as exc:
-        savepoint.rollback()
+        task.abandon("the report cannot be imported")
         mark_error(session, import_id, str(exc), fmt)
         return Outcome(import_id, ImportStatus.ERROR, fmt, error=str(exc))
     finally:
         if chunks is not None:
             chunks.close()  # its connection back now, not whenever the generator is collected
-    _mark_done(session, record, fmt, landed, file_id)
+    _mark_done(session, record, fmt, landed, stored.id)
     return Outcome(import_id, ImportStatus.DONE, fmt, landed.results, landed.run_id)
 
 
-def _locked(session: Session, import_id: uuid.UUID) -> Import | None:
-    """The import's row, locked until the transaction ends; None if it is missing or done."""
-    record = session.get(Import, import_id, with_for_update=True, populate_existing=True)
-    if record is None:
+@dataclass(frozen=True)
+class _StoredFile:
+    id: uuid.UUID
+    length: int
+    head: bytes  # its first CHUNK_SIZE bytes: most reports whole
+
+
+def _locked(
+    session: Session, import_id: uuid.UUID, *, with_file: bool = False
+) -> tuple[Import, _StoredFile | None] | None:
+    """The import's row, locked until the transaction ends, and (``with_file``) its stored
+    file, None if nothing is stored; None if the import is missing or finished."""
+    query: Select[Any] = select(Import)
+    if with_file:
+        query = query.add_columns(
+            ImportFile.id,
+            func.length(ImportFile.content),
+            func.substr(ImportFile.content, 1, CHUNK_SIZE),
+        ).outerjoin(
+            ImportFile,
+            and_(ImportFile.import_id == Import.id, ImportFile.content.is_not(None)),
+        )
+    row = session.execute(
+        query.where(Import.id == import_id)
+        .limit(1)
+        .with_for_update(of=Import)
+        .execution_options(populate_existing=True)
+    ).first()
+    if row is None:
         log.warning("import %s does not exist; nothing to do", import_id)
         return None
+    record: Import = row[0]
     if record.status in (ImportStatus.DONE, ImportStatus.ERROR):
         log.info("import %s is already %s; nothing to do", import_id, record.status)
         return None
-    return record
+    if not with_file or row[1] is None:
+        return record, None
+    return record, _StoredFile(row[1], int(row[2]), bytes(row[3] or b""))
 
 
 def find_import(session: Session, file_id: uuid.UUID) -> uuid.UUID | None:
@@ -152,22 +183,6 @@ def find_import(session: Session, file_id: uuid.UUID) -> uuid.UUID | None:
     if session.get(Import, file_id) is not None:
         return file_id
     return session.scalar(select(ImportFile.import_id).where(ImportFile.id == file_id))
-
-
-def _stored_file(
-    session: Session, import_id: uuid.UUID, limits: ImportLimits
-) -> tuple[uuid.UUID, int]:
-    stored = session.execute(
-        select(ImportFile.id, func.length(ImportFile.content))
-        .where(ImportFile.import_id == import_id, ImportFile.content.is_not(None))
-        .limit(1)
-    ).first()
-    if stored is None:
-        raise ReportError("the uploaded file is missing: nothing was stored for this import")
-    length = int(stored[1])
-    if length > limits.max_upload_bytes:
-        raise ReportError(limits.refusal("max_upload_bytes", length))
-    return stored[0], length
 
 
 def _upload(session: Session, record: Import) -> Upload:
@@ -196,15 +211,23 @@ def _upload(session: Session, record: Import) -> Upload:
     )
 
 
-def content_chunks(engine: Engine, import_file_id: uuid.UUID, length: int) -> Generator[bytes]:
-    """The stored report in CHUNK_SIZE slices, so the whole file is never in memory at once.
+def content_chunks(
+    engine: Engine, import_file_id: uuid.UUID, length: int, head: bytes = b""
+) -> Generator[bytes]:
+    """The stored report in CHUNK_SIZE slices, so the whole file is never in memory at once;
+    ``head``, its first bytes as already read, first.
 
-    Read on a connection of its own: the import's connection is busy streaming a COPY while
-    the reader asks for the next slice. The stored bytes never change, so no snapshot is shared.
+    The rest is read on a connection of its own (none when ``head`` is the whole report): the
+    import's connection is busy streaming a COPY while the reader asks for the next slice. The
+    stored bytes never change, so no snapshot is shared.
     """
+    if head:
+        yield head
+    if len(head) >= length:
+        return
     connection = engine.connect()
     try:
-        for offset in range(0, length, CHUNK_SIZE):
+        for offset in range(len(head), length, CHUNK_SIZE):
             chunk = connection.scalar(
                 select(func.substr(ImportFile.content, offset + 1, CHUNK_SIZE)).where(
                     ImportFile.id == import_file_id

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import IO, Any
 
-from sqlalchemy import delete, func, insert, or_, select, update
+from sqlalchemy import delete, insert, or_, select
 from sqlalchemy.orm import Session
 
 from ibutsu_server.db.models import Artifact, Project, Result, Run, utcnow
@@ -29,7 +29,7 @@ from ibutsu_server.db.schema import results as results_table
 from ibutsu_worker.importing.copy import copy_line, copy_rows, dialect_insert
 from ibutsu_worker.importing.errors import ReportError, quoted
 from ibutsu_worker.importing.records import ArtifactRecord, Record, ResultRecord, RunRecord
-from ibutsu_worker.summaries import update_summary
+from ibutsu_worker.summaries import COLUMNS_TO_COPY, FirstResult, Tally, summarise, update_summary
 
 BATCH_SIZE = 5000
 # Results waiting to be written are flushed once this much JSON is buffered, so large
@@ -119,6 +119,11 @@ class _Landing:
         self.artifacts = artifacts  # artifacts, written once every result exists
         self.postgres = session.get_bind().dialect.name == "postgresql"
         self.run: _Run | None = None
+        # A run this import creates is seen by nobody else before the import commits, so its
+        # summary is tallied from the rows as they are written: no query reads them back.
+        self.new_run: Run | None = None
+        self.tally = Tally()
+        self.first_result: FirstResult | None = None
         self.buffer: list[dict[str, Any]] = []
         self.buffered_bytes = 0
         self.written = 0
@@ -157,7 +162,9 @@ class _Landing:
             # A re-import keeps when the run was first stored.
             _upsert(self.session, Run, [values], owner="project_id", keep=("created",))
         else:
-            self.session.execute(insert(Run).values(**values))
+            self.new_run = Run(**values)
+            self.session.add(self.new_run)
+            self.session.flush()  # before its results, which a COPY writes past the ORM
 
     def _check_project(self, named: str | None) -> None:
         """The run's project is the import's; a report naming another one is refused."""
@@ -222,7 +229,7 @@ class _Landing:
         for artifact in record.artifacts:
             artifact.result_id = record.id
             self._spool_artifact(artifact)
-        return {
+        row: dict[str, Any] = {
             "id": record.id,
             "project_id": self.upload.project_id,
             "run_id": run.id,
@@ -236,6 +243,10 @@ class _Landing:
             "env": _name(record.env) or run.env,
             "component": _name(record.component) or run.component,
         }
+        if self.tally.add(row["result"], 1, row["duration"], row["start_time"]):
+            lent = {column: row[column] for column in COLUMNS_TO_COPY}
+            self.first_result = FirstResult(row["data"], lent)
+        return row
 
     def _add_result(self, record: ResultRecord) -> None:
         row = self._result_row(record)
@@ -332,6 +343,8 @@ class _Landing:
                 )
                 .execution_options(synchronize_session=False)
             )
+        if not self.artifacts.tell():
+            return  # none spooled
         rows = self._spooled_artifacts()
         if self.postgres:
             copy_rows(
@@ -361,16 +374,19 @@ class _Landing:
         self._flush()
         self._write_artifacts()
         # A run starts when the report says, or when its first result started if earlier.
-        earliest = select(func.min(Result.start_time)).where(Result.run_id == run.id)
-        self.session.execute(
-            update(Run)
-            .where(Run.id == run.id, Run.start_time > earliest.scalar_subquery())
-            .values(start_time=earliest.scalar_subquery())
-            .execution_options(synchronize_session=False)
-        )
-        collected = run.collected if run.keeps_ids else self.written
-        summary = update_summary(self.session, run.id, collected=collected)
-        assert summary is not None
+        if self.new_run is None:  # results may already exist: count them all
+            summary = update_summary(
+                self.session, run.id, collected=run.collected, start_at_first=True
+            )
+            assert summary is not None
+        else:
+            summary = summarise(
+                self.new_run,
+                self.tally,
+                self.first_result,
+                collected=self.written,
+                start_at_first=True,
+            )
         return Landed(run_id=run.id, results=self.written, summary=summary)
 
 
