@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 from celery.signals import after_setup_logger
 
+from ibutsu_server.broker_transport import transport_for
 from ibutsu_server.settings import ConfigError, Role, Settings, load_settings, redact_url
 
 if TYPE_CHECKING:
@@ -78,6 +79,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery settings every role shares, as plain Celery configuration keys."""
     return {
         "broker_url": settings.broker_url,
+        "broker_transport": transport_for(settings.broker_url),
         "result_backend": settings.result_backend,
         "result_backend_transport_options": _key_prefix(settings),
         "broker_transport_options": _broker_transport_options(settings),

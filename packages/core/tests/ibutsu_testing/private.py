@@ -14,7 +14,7 @@ from pathlib import Path
 
 import redis
 
-from ibutsu_testing.services import free_port, wait_for
+from ibutsu_testing.services import DIE_WITH_PARENT, free_port, wait_for
 
 # PostgreSQL refuses to run as root; the machine's postgres user runs the private cluster.
 PG_OS_USER = "postgres"
@@ -36,6 +36,7 @@ class PrivateRedis:
         log = (self.folder / "redis.log").open("ab")
         self.process = subprocess.Popen(
             [
+                *DIE_WITH_PARENT,
                 "redis-server",
                 "--port", str(self.port),
                 "--bind", "127.0.0.1",

@@ -26,6 +26,9 @@ PG_HOST = os.environ.get("IBUTSU_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = os.environ.get("IBUTSU_TEST_PG_PORT", "5432")
 PG_USER = os.environ.get("IBUTSU_TEST_PG_USER", "postgres")
 REDIS_URL = os.environ.get("IBUTSU_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+# Prefixed to a server's or worker's command: it gets SIGKILL when the test process dies,
+# however it dies (a timeout's kill included), so none outlives its test run (util-linux).
+DIE_WITH_PARENT = ("setpriv", "--pdeathsig", "KILL", "--")
 
 T = TypeVar("T")
 
@@ -160,7 +163,7 @@ def celery_process(
     process afterwards, gracefully if it can."""
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", app, *command],
+            [*DIE_WITH_PARENT, sys.executable, "-m", "celery", "-A", app, *command],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             env=clean_environ(**env),

@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 from ibutsu_server import task_names
 from ibutsu_server.app_factory import FlaskCelery
 from ibutsu_server.db.models import Artifact, Import, ImportFile, Result, Run
+from ibutsu_worker.importing.landing import HELD_ROWS
 from ibutsu_worker.submission import Submitter, import_record
 from ibutsu_worker.summaries import update_summary
 from ibutsu_worker_tests.builders import ImportRunner
@@ -85,6 +86,33 @@ def test_whole_corpus(run_import: ImportRunner, submitter: Submitter) -> None:
     recomputed = session.execute(select(*columns, Run.duration).order_by(Run.id)).all()
     assert [row[:-1] for row in recomputed] == [row[:-1] for row in tallied]
     assert [row[-1] for row in recomputed] == pytest.approx([row[-1] for row in tallied])
+    submitter.db.session.remove()
+
+
+@pytest.mark.parametrize("cases", [HELD_ROWS - 1, HELD_ROWS, HELD_ROWS + 1])
+def test_held_and_streamed_results_land_alike(
+    run_import: ImportRunner, submitter: Submitter, tmp_path: Path, cases: int
+) -> None:
+    """Up to HELD_ROWS results wait for their run, inserted once, complete; more stream in
+    after it, and the run is updated at the end: the same run either way."""
+    report = tmp_path / "report.xml"
+    with report.open("w") as out:
+        out.write('<testsuite name="held" timestamp="2026-01-02T03:04:05">')
+        out.writelines(
+            f'<testcase classname="c" name="t{n}" time="1">{"<failure/>" if n % 4 else ""}'
+            "</testcase>"
+            for n in range(cases)
+        )
+        out.write("</testsuite>")
+    outcome = run_import(report)
+    assert outcome.status == "done", outcome.message
+    failures = sum(1 for n in range(cases) if n % 4)
+    assert outcome.summary is not None
+    assert (outcome.summary["tests"], outcome.summary["failures"]) == (cases, failures)
+    session = submitter.db.session()
+    run = session.get(Run, uuid.UUID(str(outcome.run_id)))
+    assert run is not None and run.summary == outcome.summary and run.duration == cases
+    assert count(submitter, Result) == cases
     submitter.db.session.remove()
 
 

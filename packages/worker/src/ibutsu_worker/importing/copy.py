@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import json
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -27,27 +27,46 @@ def _copy_text(value: str) -> str:
     )
 
 
+def _copy_json(value: dict[str, Any] | list[Any]) -> str:
+    return _copy_text(_JSON.encode(value))
+
+
+def _copy_bytes(value: bytes) -> str:
+    # bytea's hex input form; the backslash itself is escaped for COPY.
+    return "\\\\x" + value.hex()
+
+
+# By exact type: one dictionary look-up per field, where a chain of isinstance checks would
+# cost several (this runs for every field of every result).
+_FORMATTERS: dict[type, Callable[[Any], str]] = {
+    str: _copy_text,
+    type(None): lambda _value: "\\N",
+    uuid.UUID: str,
+    dict: _copy_json,
+    list: _copy_json,
+    datetime: datetime.isoformat,
+    float: float.__repr__,
+    int: int.__repr__,  # an IntEnum as its number
+    bool: str,
+    bytes: _copy_bytes,
+}
+
+
 def _copy_field(value: Any) -> str:
     """One field in COPY's text format."""
-    if value is None:
-        return "\\N"
-    if isinstance(value, str):
-        return _copy_text(value)
-    if isinstance(value, dict | list):
-        return _copy_text(_JSON.encode(value))
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, bytes):
-        # bytea's hex input form; the backslash itself is escaped for COPY.
-        return "\\\\x" + value.hex()
-    if isinstance(value, uuid.UUID | int | float):
-        return str(value)
-    raise TypeError(f"cannot COPY a {type(value).__name__}")
+    formatter = _FORMATTERS.get(type(value))
+    if formatter is None:
+        # A subclass (an enum of str, say) is formatted as its base type.
+        base = next((kind for kind in _FORMATTERS if isinstance(value, kind)), None)
+        if base is None:
+            raise TypeError(f"cannot COPY a {type(value).__name__}")
+        formatter = _FORMATTERS[base]
+    return formatter(value)
 
 
 def copy_line(values: Iterable[Any]) -> str:
     """One row in COPY's text format, newline included."""
-    return "\t".join(map(_copy_field, values)) + "\n"
+    return "\t".join([_copy_field(value) for value in values]) + "\n"
 
 
 class _LineReader(io.TextIOBase):

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import chain
 from typing import IO, Any
 
 from sqlalchemy import delete, insert, or_, select
@@ -37,6 +38,11 @@ BATCH_SIZE = 5000
 BATCH_BYTES = 16 * 1024 * 1024
 ARTIFACT_BATCH_BYTES = 8 * 1024 * 1024
 ARTIFACT_BATCH_ROWS = 500
+# A new run's first result rows are held back, up to this many: a report that ends within them
+# (most do) has its run inserted once, summary and all, then its rows copied; a longer one has
+# its run inserted at once and its rows streamed, and the summary updated at the end.
+HELD_ROWS = 2000
+HELD_BYTES = 2 * 1024 * 1024
 # Each spool keeps this much in memory, the rest in a temporary file.
 SPOOL_MEMORY = 2 * 1024 * 1024
 # results.source, env and component are indexed, alone and together: names are cut to fit.
@@ -124,6 +130,7 @@ class _Landing:
         self.new_run: Run | None = None
         self.tally = Tally()
         self.first_result: FirstResult | None = None
+        self.held: list[str] = []
         self.buffer: list[dict[str, Any]] = []
         self.buffered_bytes = 0
         self.written = 0
@@ -162,9 +169,9 @@ class _Landing:
             # A re-import keeps when the run was first stored.
             _upsert(self.session, Run, [values], owner="project_id", keep=("created",))
         else:
+            # Inserted before its first results are written, which may be at the end.
             self.new_run = Run(**values)
             self.session.add(self.new_run)
-            self.session.flush()  # before its results, which a COPY writes past the ORM
 
     def _check_project(self, named: str | None) -> None:
         """The run's project is the import's; a report naming another one is refused."""
@@ -199,13 +206,19 @@ class _Landing:
 
     def write(self, stream: Iterator[Record]) -> None:
         """Write every record. On PostgreSQL, when the first record is a run with fresh ids
-        (JUnit), the results after it stream through one COPY."""
+        (JUnit), the results after it go through one COPY: held back if they are few, else
+        streamed."""
         first = next(stream, None)
         if first is None:
             return
         self.push(first)
-        if self.postgres and self.run is not None and not self.run.keeps_ids:
-            copy_rows(self.session, "results", RESULT_COLUMNS, self._copy_lines(stream))
+        if self.postgres and self.new_run is not None:
+            lines = self._copy_lines(stream)
+            self.held, ended = _hold(lines)
+            if not ended:
+                self.session.flush()  # the run, before its results (a COPY bypasses the ORM)
+                copy_rows(self.session, "results", RESULT_COLUMNS, chain(self.held, lines))
+                self.held = []
             return
         for record in stream:
             self.push(record)
@@ -372,22 +385,34 @@ class _Landing:
         if run is None:
             raise ReportError("the report describes no run")
         self._flush()
-        self._write_artifacts()
         # A run starts when the report says, or when its first result started if earlier.
         if self.new_run is None:  # results may already exist: count them all
+            self._write_artifacts()
             summary = update_summary(
                 self.session, run.id, collected=run.collected, start_at_first=True
             )
             assert summary is not None
-        else:
-            summary = summarise(
-                self.new_run,
-                self.tally,
-                self.first_result,
-                collected=self.written,
-                start_at_first=True,
-            )
+            return Landed(run_id=run.id, results=self.written, summary=summary)
+        summary = summarise(
+            self.new_run, self.tally, self.first_result, collected=self.written, start_at_first=True
+        )
+        self.session.flush()  # the run inserted complete if its results were held, else updated
+        if self.held:
+            copy_rows(self.session, "results", RESULT_COLUMNS, self.held)
+        self._write_artifacts()
         return Landed(run_id=run.id, results=self.written, summary=summary)
+
+
+def _hold(lines: Iterator[str]) -> tuple[list[str], bool]:
+    """The first lines, up to HELD_ROWS or HELD_BYTES, and whether that was all of them."""
+    held: list[str] = []
+    size = 0
+    for line in lines:
+        held.append(line)
+        size += len(line)
+        if len(held) >= HELD_ROWS or size >= HELD_BYTES:
+            return held, False
+    return held, True
 
 
 def _text(value: Any) -> str | None:
