@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 from celery.signals import after_setup_logger
 
-from ibutsu_server.broker_transport import transport_for
+from ibutsu_server import broker_transport
 from ibutsu_server.settings import ConfigError, Role, Settings, load_settings, redact_url
 
 if TYPE_CHECKING:
@@ -79,7 +79,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery settings every role shares, as plain Celery configuration keys."""
     return {
         "broker_url": settings.broker_url,
-        "broker_transport": transport_for(settings.broker_url),
         "result_backend": settings.result_backend,
         "result_backend_transport_options": _key_prefix(settings),
         "broker_transport_options": _broker_transport_options(settings),
@@ -131,6 +130,7 @@ def create_celery(
     **kwargs: Any,
 ) -> IbutsuCelery:
     """Build a configured Celery app for ``settings`` and log where it points (redacted)."""
+    broker_transport.use_for_redis_urls()
     app = app_class(settings, f"ibutsu_{settings.role.value}", include=list(include), **kwargs)
     app.conf.update(celery_config(settings))
     level = settings.worker_loglevel.upper()

@@ -29,6 +29,6 @@ def create_scheduler_app(
     else:
         app.conf.beat_scheduler = "ibutsu_scheduler.scheduler:IbutsuRedBeatScheduler"
         app.conf.redbeat_redis_url = settings.broker_url
-        app.conf.redbeat_key_prefix = f"{settings.redis_key_prefix}redbeat"
+        app.conf.redbeat_key_prefix = f"{settings.redis_key_prefix}redbeat:"  # as RedBeat's default
         app.conf.redbeat_lock_timeout = LEASE_SECONDS
     return app

@@ -13,10 +13,12 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 import redis
 from prometheus_client.parser import text_string_to_metric_families
+from redbeat.decoder import RedBeatJSONDecoder
 
 from ibutsu_scheduler.factory import LEASE_SECONDS, MAX_LOOP_INTERVAL
 from ibutsu_testing.services import REDIS_URL, celery_process, free_port, http_get, wait_for
@@ -58,6 +60,17 @@ def _metric(port: int, name: str, **labels: str) -> float | None:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return float(sample.value)
     return None
+
+
+def _last_run(env: dict[str, str], entry: str) -> tuple[int, datetime] | None:
+    """RedBeat's record of the entry's sends: how many so far, and when the last one was."""
+    client = redis.Redis.from_url(REDIS_URL)
+    meta = client.hget(f"{env['IBUTSU_REDIS_KEY_PREFIX']}redbeat:{entry}", "meta")
+    client.close()
+    if meta is None:
+        return None
+    state = json.loads(meta, cls=RedBeatJSONDecoder)
+    return int(state["total_run_count"]), state["last_run_at"]
 
 
 def _leads(port: int) -> bool:
@@ -108,9 +121,32 @@ def test_two_schedulers_send_each_slot_once_and_a_standby_takes_over(
 
             os.killpg(first.pid, signal.SIGKILL)  # the leader dies without releasing
             first.wait()
-            baseline = _count(service_environ, "fast")
-            wait_for(lambda: _count(service_environ, "fast") > baseline, timeout=TAKEOVER_DEADLINE)
+            killed = time.monotonic()
+            queued = _count(service_environ, "fast")
+            dead_leaders = _last_run(service_environ, "tick-fast")
+            assert dead_leaders is not None
+            sends = dead_leaders[0]
+
+            def standby_sent(more: int) -> tuple[int, datetime] | None:
+                run = _last_run(service_environ, "tick-fast")
+                return run if run is not None and run[0] >= sends + more else None
+
+            # The standby's sends, caught as they happen (a slot is 2 s).
+            first_send = wait_for(lambda: standby_sent(1), timeout=TAKEOVER_DEADLINE, interval=0.05)
+            takeover = time.monotonic() - killed
+            assert first_send[0] == sends + 1
+            second_send = wait_for(lambda: standby_sent(2), timeout=10, interval=0.05)
             assert _leads(second_port)
+
+            def one_message_per_send() -> bool:
+                mine = _metric(second_port, "ibutsu_beat_sends_total", entry="tick-fast")
+                return _count(service_environ, "fast") - queued == mine
+
+            wait_for(one_message_per_send, timeout=10)
+    # After the missed slots, one send, then the schedule again: no burst of catch-ups.
+    assert second_send[0] == sends + 2
+    assert (second_send[1] - first_send[1]).total_seconds() >= FAST_SECONDS - 0.5
+    print(f"[fault] scheduler leader SIGKILL, kill to the standby's first send: {takeover:.1f} s")
 
 
 def test_a_restarted_scheduler_does_not_repeat_a_slot(

@@ -12,10 +12,17 @@ settings = settings_or_exit(Role.WORKER)
 if settings.metrics is not None:
     prepare_multiprocess_dir()
 
-from ibutsu_worker import instrumentation, leases, shutdown  # noqa: E402 - after the metrics folder
+from ibutsu_worker import (  # noqa: E402 - after the metrics folder
+    consumer,
+    instrumentation,
+    leases,
+    shutdown,
+)
 from ibutsu_worker.factory import create_worker_app  # noqa: E402
 
 app = create_worker_app(settings)
+app.conf.worker_consumer = consumer.CONSUMER
+consumer.quiet_unacknowledged()
 instrumentation.install(app, settings.metrics)
 leases.install(app, settings.visibility_timeout)
 shutdown.install()

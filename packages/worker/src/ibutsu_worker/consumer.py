@@ -1,0 +1,54 @@
+"""The worker's consumer: Celery's own without its Gossip step, and one line, not a traceback,
+when a message cannot be acknowledged because the broker is away.
+
+Gossip keeps workers informed of each other for elections and logical clocks, which nothing
+here uses (Flower and the metrics read events and heartbeats, which other steps send). And
+after every broker restart Celery 5.6's Gossip fails to restart with a logged
+``AttributeError`` traceback. Set in the worker's configuration (``worker_consumer``), so it
+holds for whatever command line starts the worker, ``--without-gossip`` or not.
+
+A task that finishes while the broker restarts cannot be acknowledged; Kombu logs that as
+CRITICAL with a traceback. Nothing is lost: the message stays in the broker's unacknowledged
+set, is handed out again after the visibility timeout, and its task finds the work done.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import ClassVar
+
+from celery.worker.consumer import Consumer as CeleryConsumer
+
+from ibutsu_server.ibutsu_task import one_line
+
+GOSSIP_STEP = "celery.worker.consumer.gossip:Gossip"
+CONSUMER = f"{__name__}:Consumer"
+
+
+class Consumer(CeleryConsumer):  # type: ignore[misc]
+    """Celery's consumer, without Gossip."""
+
+    class Blueprint(CeleryConsumer.Blueprint):  # type: ignore[misc]
+        default_steps: ClassVar[list[str]] = [
+            step for step in CeleryConsumer.Blueprint.default_steps if step != GOSSIP_STEP
+        ]
+
+
+class _OneLineUnacknowledged(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        failed = record.getMessage().startswith(("Couldn't ack", "Couldn't reject"))
+        if failed and record.exc_info and record.exc_info[1] is not None:
+            record.msg = (
+                "message %s not acknowledged, the broker is away (%s): it is handed out again "
+                "after the visibility timeout and its task finds the work done"
+            )
+            tag = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            record.args = (tag, one_line(record.exc_info[1]))
+            record.exc_info = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def quiet_unacknowledged() -> None:
+    """Log a message the broker could not acknowledge in one line (see the module's doc)."""
+    logging.getLogger("celery.worker.request").addFilter(_OneLineUnacknowledged())
