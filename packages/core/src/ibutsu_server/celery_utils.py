@@ -15,7 +15,15 @@ from celery import Celery
 from celery.signals import after_setup_logger
 
 from ibutsu_server import broker_transport
-from ibutsu_server.settings import ConfigError, Role, Settings, load_settings, redact_url
+from ibutsu_server.liveness import LoopWatch
+from ibutsu_server.settings import (
+    DEFAULT_LIVENESS_SECONDS,
+    ConfigError,
+    Role,
+    Settings,
+    load_settings,
+    redact_url,
+)
 
 if TYPE_CHECKING:
     from http.server import ThreadingHTTPServer
@@ -113,13 +121,16 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 
 class IbutsuCelery(Celery):  # type: ignore[misc]
-    """A Celery app that carries, typed, the settings it was built from and the HTTP endpoint
-    (/metrics, /healthz, /readyz) its process serves, if any."""
+    """A Celery app that carries, typed, the settings it was built from, the HTTP endpoint
+    (/metrics, /healthz, /readyz) its process serves, if any, and the watch on its main loop
+    that /healthz answers from."""
 
     def __init__(self, settings: Settings, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.settings = settings
         self.endpoint: ThreadingHTTPServer | None = None
+        timeout = settings.metrics.liveness_seconds if settings.metrics else None
+        self.liveness = LoopWatch(timeout or DEFAULT_LIVENESS_SECONDS)
 
 
 def create_celery(

@@ -1,7 +1,8 @@
 """The HTTP endpoint of the worker and the scheduler: /metrics, /healthz, /readyz.
 
-/metrics needs the role's basic-auth credentials (it names tasks and hosts); the probes are
-open and answer only whether the process is alive or ready. The server is built to survive
+/metrics needs the role's basic-auth credentials (it names tasks and hosts), and is not
+served at all when none are configured; the probes are open and answer only whether the
+process is alive or ready. The server is built to survive
 abuse from whoever can reach the port: at most MAX_CONNECTIONS requests are served at once
 (more are closed at once), each within an absolute REQUEST_SECONDS however slowly a client
 sends, and readiness is computed at most once per READY_CACHE_SECONDS whatever the load.
@@ -87,8 +88,8 @@ class _DeadlineReader:
         self._stream.close()
 
 
-def _handler(endpoints: Endpoints, credentials: str) -> type[BaseHTTPRequestHandler]:
-    expected = "Basic " + base64.b64encode(credentials.encode()).decode()
+def _handler(endpoints: Endpoints, credentials: str | None) -> type[BaseHTTPRequestHandler]:
+    expected = "Basic " + base64.b64encode(credentials.encode()).decode() if credentials else None
 
     class Handler(BaseHTTPRequestHandler):
         timeout = REQUEST_SECONDS
@@ -107,6 +108,9 @@ def _handler(endpoints: Endpoints, credentials: str) -> type[BaseHTTPRequestHand
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
+                if expected is None:
+                    self._send(404, b"metrics are off: set IBUTSU_METRICS_BASIC_AUTH\n")
+                    return
                 given = self.headers.get("Authorization", "")
                 if not hmac.compare_digest(given.encode(), expected.encode()):
                     self._send(401, b"unauthorized\n", {"WWW-Authenticate": 'Basic realm="ibutsu"'})
@@ -121,7 +125,8 @@ def _handler(endpoints: Endpoints, credentials: str) -> type[BaseHTTPRequestHand
                 if problem is None:
                     self._send(200, b"ok\n")
                 else:
-                    self._send(503, f"not ready: {problem}\n".encode())
+                    state = "alive" if path == "/healthz" else "ready"
+                    self._send(503, f"not {state}: {problem}\n".encode())
             else:
                 self._send(404, b"not found\n")
 
@@ -173,5 +178,6 @@ def serve(settings: MetricsSettings, endpoints: Endpoints) -> ThreadingHTTPServe
     server = _BoundedServer(("", settings.port), _handler(endpoints, settings.basic_auth))
     thread = threading.Thread(target=server.serve_forever, name="ibutsu-http", daemon=True)
     thread.start()
-    log.info("serving /metrics, /healthz and /readyz on port %d", server.server_address[1])
+    served = "/metrics, /healthz and /readyz" if settings.basic_auth else "/healthz and /readyz"
+    log.info("serving %s on port %d", served, server.server_address[1])
     return server

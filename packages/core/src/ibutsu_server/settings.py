@@ -30,6 +30,8 @@ DEFAULT_VISIBILITY_TIMEOUT = 90
 # Seconds a warm shutdown (SIGTERM) waits for running tasks before it hands them back; inside
 # Kubernetes' default grace period of 30 s.
 DEFAULT_SOFT_SHUTDOWN_SECONDS = 20
+# Longer than any wait the main loops make on purpose (a Redis socket timeout is 30 s).
+DEFAULT_LIVENESS_SECONDS = 120
 
 
 class Role(enum.Enum):
@@ -144,10 +146,13 @@ class Retention:
 
 @dataclass(frozen=True)
 class MetricsSettings:
-    """The role's HTTP endpoint: /metrics behind basic auth, /healthz and /readyz open."""
+    """The role's HTTP endpoint: /healthz and /readyz open, /metrics only with basic-auth
+    credentials (without them it is not served); liveness fails once the role's main loop
+    has not ticked for ``liveness_seconds``."""
 
     port: int
-    basic_auth: str
+    basic_auth: str | None
+    liveness_seconds: int = DEFAULT_LIVENESS_SECONDS
 
 
 @dataclass(frozen=True)
@@ -312,7 +317,11 @@ def _read_metrics(reader: _Reader) -> MetricsSettings | None:
         return None
     if port > 65535:
         reader.problems.append(f"IBUTSU_METRICS_PORT must be at most 65535, got {port}")
-    return MetricsSettings(port=port, basic_auth=reader.credentials("IBUTSU_METRICS_BASIC_AUTH"))
+    basic_auth = None
+    if reader.environ.get("IBUTSU_METRICS_BASIC_AUTH", "").strip():
+        basic_auth = reader.credentials("IBUTSU_METRICS_BASIC_AUTH")
+    liveness = reader.count("IBUTSU_LIVENESS_TIMEOUT", DEFAULT_LIVENESS_SECONDS, minimum=10)
+    return MetricsSettings(port=port, basic_auth=basic_auth, liveness_seconds=liveness)
 
 
 def _read_import_limits(reader: _Reader) -> ImportLimits:

@@ -104,3 +104,17 @@ def test_metrics_need_the_credentials(server: tuple[int, list[int]]) -> None:
     assert http_get(port, "/metrics")[0] == 401
     assert http_get(port, "/metrics", CREDENTIALS) == (200, "m 1\n")
     assert http_get(port, "/nothing")[0] == 404
+
+
+def test_without_credentials_only_the_probes_are_served() -> None:
+    port = free_port()
+    stalled = Endpoints(metrics=lambda: b"m 1\n", alive=lambda: "stalled", ready=lambda: None)
+    running = serve(MetricsSettings(port=port, basic_auth=None), stalled)
+    try:
+        assert http_get(port, "/metrics")[0] == 404
+        assert http_get(port, "/metrics", CREDENTIALS)[0] == 404
+        assert http_get(port, "/readyz") == (200, "ok\n")
+        assert http_get(port, "/healthz")[0] == 503
+    finally:
+        running.shutdown()
+        running.server_close()

@@ -47,6 +47,20 @@ def test_optional_values_are_typed() -> None:
     assert settings.worker_loglevel == "debug"
 
 
+def test_the_probes_need_only_the_port() -> None:
+    env = {**BROKER, **DATABASE, "IBUTSU_METRICS_PORT": "9808"}
+    metrics = load_settings(Role.WORKER, env).metrics
+    assert metrics is not None
+    assert (metrics.port, metrics.basic_auth, metrics.liveness_seconds) == (9808, None, 120)
+    env |= {"IBUTSU_METRICS_BASIC_AUTH": "prometheus:scrape-password-1"}
+    env |= {"IBUTSU_LIVENESS_TIMEOUT": "30"}
+    metrics = load_settings(Role.SCHEDULER, env).metrics
+    assert metrics is not None
+    assert (metrics.basic_auth, metrics.liveness_seconds) == ("prometheus:scrape-password-1", 30)
+    with pytest.raises(ConfigError, match="IBUTSU_LIVENESS_TIMEOUT must be at least 10"):
+        load_settings(Role.WORKER, {**env, "IBUTSU_LIVENESS_TIMEOUT": "5"})
+
+
 def test_every_problem_is_listed_at_once() -> None:
     env = {
         "CELERY_BROKER_URL": "http://nope",

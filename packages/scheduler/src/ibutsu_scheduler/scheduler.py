@@ -13,6 +13,7 @@ from celery.beat import PersistentScheduler
 from prometheus_client import REGISTRY, Counter, Gauge, generate_latest
 from redbeat import RedBeatScheduler
 
+from ibutsu_scheduler.cluster_metrics import ClusterMonitor, queue_lengths
 from ibutsu_server.http_endpoints import Endpoints, serve
 from ibutsu_server.readiness import readiness_check
 from ibutsu_server.settings import Settings
@@ -28,20 +29,28 @@ NEXT_SEND = Gauge(
 
 
 class _Exported:
-    """Counts sends, publishes next-send times and leadership, and starts the HTTP endpoint
-    when the scheduler is created: before the lease is taken, so a standby answers too."""
+    """Counts sends, publishes next-send times and leadership, ticks the liveness watch, and
+    starts the HTTP endpoint when the scheduler is created: before the lease is taken, so a
+    standby answers too. While this replica leads, it exports the cluster's series
+    (ibutsu_scheduler.cluster_metrics)."""
 
     app: Any
     schedule: dict[str, Any]
+    #: Whether the leader watches the broker's events for the cluster's series (Redis only).
+    watches_cluster = False
+    cluster: ClusterMonitor | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         settings: Settings = self.app.settings
         # Beat also builds a lazy instance just to print its banner: that one serves nothing.
         if settings.metrics is not None and not kwargs.get("lazy"):
+            if self.watches_cluster:
+                self.cluster = ClusterMonitor(self.app, lambda: queue_lengths(self.app))
+                REGISTRY.register(self.cluster)
             endpoints = Endpoints(
                 metrics=lambda: generate_latest(REGISTRY),
-                alive=lambda: None,
+                alive=self.app.liveness.check,
                 ready=readiness_check(self.app),
             )
             self.app.endpoint = serve(settings.metrics, endpoints)
@@ -63,7 +72,14 @@ class _Exported:
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
         delay = float(super().tick(*args, **kwargs))  # type: ignore[misc]
-        LEADER.set(1 if self.leads() else 0)
+        self.app.liveness.tick()
+        leads = self.leads()
+        LEADER.set(1 if leads else 0)
+        if self.cluster is not None:
+            if leads:
+                self.cluster.start()
+            else:
+                self.cluster.stop()
         now = time.time()
         for entry in self.entries():
             _due, seconds = entry.is_due()
@@ -72,8 +88,15 @@ class _Exported:
 
 
 class IbutsuRedBeatScheduler(_Exported, RedBeatScheduler):  # type: ignore[misc]
-    """RedBeat with metrics: only the lease holder sends; a standby takes over when the
-    leader's lease (redbeat_lock_timeout) runs out."""
+    """RedBeat with metrics: only the lease holder sends (and exports the cluster's series);
+    a standby takes over when the leader's lease (redbeat_lock_timeout) runs out."""
+
+    watches_cluster = True
+
+    def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()
+        super().close()
 
     def leads(self) -> bool:
         return self.lock is not None and bool(self.lock.owned())

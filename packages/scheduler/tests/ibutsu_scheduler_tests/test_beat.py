@@ -21,7 +21,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from redbeat.decoder import RedBeatJSONDecoder
 
 from ibutsu_scheduler.factory import LEASE_SECONDS, MAX_LOOP_INTERVAL
-from ibutsu_testing.services import REDIS_URL, celery_process, free_port, http_get, wait_for
+from ibutsu_server.celery_utils import create_broker_celery_app
+from ibutsu_testing.services import (
+    REDIS_URL,
+    celery_process,
+    free_port,
+    http_get,
+    settings_for,
+    wait_for,
+)
 
 APP = "ibutsu_scheduler_tests.beat_app:app"
 CREDENTIALS = "prometheus:scrape-password-1"
@@ -51,13 +59,13 @@ def _count(env: dict[str, str], which: str) -> int:
     return sent
 
 
-def _metric(port: int, name: str, **labels: str) -> float | None:
+def _metric(port: int, metric: str, **labels: str) -> float | None:
     status, text = http_get(port, "/metrics", CREDENTIALS)
     if status != 200:
         return None
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+            if sample.name == metric and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return float(sample.value)
     return None
 
@@ -170,3 +178,41 @@ def test_a_restarted_scheduler_does_not_repeat_a_slot(
     # The slot state lives in Redis: the restarted scheduler sends the entry at its next slot,
     # a period after the last send before the restart, never again at once.
     assert resent >= last_sent + SLOW_SECONDS - 0.5
+
+
+def test_the_leader_alone_exports_the_cluster(
+    service_environ: dict[str, str], tmp_path: Path
+) -> None:
+    """Workers as the broker sees them (their events, sent here by hand): up while their
+    heartbeats come, down when they stop or say goodbye; all of it from the leader only."""
+    events_app = create_broker_celery_app(settings_for(service_environ))
+    leader, standby = free_port(), free_port()
+
+    def up(port: int, hostname: str) -> float | None:
+        return _metric(port, "celery_worker_up", hostname=hostname)
+
+    with beat(service_environ, tmp_path / "leader.log", leader):
+        wait_for(lambda: _leads(leader), timeout=30)
+        with (
+            beat(service_environ, tmp_path / "standby.log", standby),
+            events_app.connection_for_write() as connection,
+        ):
+            quiet = events_app.events.Dispatcher(connection, hostname="quiet@test")
+            polite = events_app.events.Dispatcher(connection, hostname="polite@test")
+
+            def heartbeats() -> bool:
+                quiet.send("worker-heartbeat", freq=0.5)
+                polite.send("worker-heartbeat", freq=0.5)
+                return up(leader, "quiet@test") == 1 and up(leader, "polite@test") == 1
+
+            wait_for(heartbeats, timeout=30)
+            polite.send("worker-offline")
+            wait_for(lambda: up(leader, "polite@test") == 0, timeout=10)
+            # No more heartbeats from "quiet": five missed beats and it is down.
+            wait_for(lambda: up(leader, "quiet@test") == 0, timeout=10)
+            # Beat's own sends are counted, and the queue they wait in measured.
+            wait_for(lambda: _metric(leader, "celery_task_sent_total", name="unknown"), timeout=10)
+            assert _metric(leader, "celery_queue_length", queue_name="celery") is not None
+            status, text = http_get(standby, "/metrics", CREDENTIALS)
+            assert status == 200 and "celery_worker_up" not in text
+            assert "celery_queue_length" not in text and "celery_task_sent_total" not in text

@@ -1,5 +1,10 @@
-"""The worker's consumer: Celery's own without its Gossip step, and one line, not a traceback,
-when a message cannot be acknowledged because the broker is away.
+"""The worker's consumer: Celery's own, ticking the liveness watch from its event loop,
+without its Gossip step, and one line, not a traceback, when a message cannot be acknowledged
+because the broker is away.
+
+The event loop runs a timer of ours that ticks ``app.liveness`` (ibutsu_server.liveness):
+if the loop hangs, ticks stop and /healthz fails. Leaving the loop to reconnect to the broker
+is on purpose, and says so, so a broker outage fails readiness, not liveness.
 
 Gossip keeps workers informed of each other for elections and logical clocks, which nothing
 here uses (Flower and the metrics read events and heartbeats, which other steps send). And
@@ -23,15 +28,35 @@ from ibutsu_server.ibutsu_task import one_line
 
 GOSSIP_STEP = "celery.worker.consumer.gossip:Gossip"
 CONSUMER = f"{__name__}:Consumer"
+LOOP_TICK_SECONDS = 5.0
 
 
 class Consumer(CeleryConsumer):  # type: ignore[misc]
-    """Celery's consumer, without Gossip."""
+    """Celery's consumer, without Gossip, ticking the app's liveness watch."""
 
     class Blueprint(CeleryConsumer.Blueprint):  # type: ignore[misc]
         default_steps: ClassVar[list[str]] = [
             step for step in CeleryConsumer.Blueprint.default_steps if step != GOSSIP_STEP
         ]
+
+    _ticking = False
+
+    def on_ready(self) -> None:
+        # Called each time the event loop (re)starts. The timer survives reconnections.
+        liveness = self.app.liveness
+        liveness.tick()
+        if not self._ticking:
+            self.timer.call_repeatedly(LOOP_TICK_SECONDS, liveness.tick)
+            self._ticking = True
+        super().on_ready()
+
+    def on_connection_error_before_connected(self, exc: Exception) -> None:
+        self.app.liveness.leave()
+        super().on_connection_error_before_connected(exc)
+
+    def on_connection_error_after_connected(self, exc: Exception) -> None:
+        self.app.liveness.leave()
+        super().on_connection_error_after_connected(exc)
 
 
 class _OneLineUnacknowledged(logging.Filter):

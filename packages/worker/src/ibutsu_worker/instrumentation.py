@@ -10,9 +10,8 @@ import logging
 import time
 from typing import Any
 
-from celery import Celery, current_task
+from celery import Celery
 from celery.signals import (
-    after_task_publish,
     task_failure,
     task_postrun,
     task_prerun,
@@ -95,24 +94,6 @@ def _on_revoked(request: Any = None, **_kwargs: Any) -> None:
     metrics.REVOKED.labels(*_labels(None, request)).inc()
 
 
-def _on_published(sender: str | None = None, routing_key: str | None = None, **_kw: Any) -> None:
-    # Sent from inside a task (a follow-up): labelled with the worker that runs it.
-    _, hostname, _ = _labels(current_task)
-    metrics.SENT.labels(sender or "unknown", hostname, routing_key or "celery").inc()
-
-
-def _queue_lengths(app: Celery) -> dict[str, int]:
-    lengths: dict[str, int] = {}
-    with app.connection_for_read() as connection:
-        channel = connection.default_channel
-        for queue in app.amqp.queues:
-            try:
-                lengths[queue] = int(channel.queue_declare(queue, passive=True).message_count)
-            except Exception:  # a queue not declared yet is empty for our purpose
-                lengths[queue] = 0
-    return lengths
-
-
 def install(app: FlaskCelery, settings: MetricsSettings | None) -> None:
     """Connect the metric handlers; serve /metrics, /healthz and /readyz from the start of the
     worker (before it reaches the broker: a worker waiting for its broker is alive, not ready),
@@ -126,7 +107,6 @@ def install(app: FlaskCelery, settings: MetricsSettings | None) -> None:
         (task_received, _on_received),
         (task_rejected, _rejected_counter(app)),
         (task_revoked, _on_revoked),
-        (after_task_publish, _on_published),
     )
     for signal, handler in handlers:
         signal.connect(handler, weak=False)
@@ -135,11 +115,11 @@ def install(app: FlaskCelery, settings: MetricsSettings | None) -> None:
 
     def start_endpoint(sender: Any = None, **_kwargs: Any) -> None:
         hostname = getattr(sender, "hostname", "unknown")
-        state = metrics.WorkerStateCollector(
-            hostname, lambda: len(worker_state.active_requests), lambda: _queue_lengths(app)
-        )
+        state = metrics.WorkerStateCollector(hostname, lambda: len(worker_state.active_requests))
         endpoints = Endpoints(
-            metrics=lambda: metrics.render(state), alive=lambda: None, ready=readiness_check(app)
+            metrics=lambda: metrics.render(state),
+            alive=app.liveness.check,
+            ready=readiness_check(app),
         )
         app.endpoint = serve(settings, endpoints)
 

@@ -21,7 +21,6 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 TASK_LABELS = ["name", "hostname", "queue_name"]
-SENT = Counter("celery_task_sent", "Tasks sent", TASK_LABELS)
 RECEIVED = Counter("celery_task_received", "Tasks received by a worker", TASK_LABELS)
 STARTED = Counter("celery_task_started", "Tasks started", TASK_LABELS)
 SUCCEEDED = Counter("celery_task_succeeded", "Tasks that succeeded", TASK_LABELS)
@@ -44,34 +43,20 @@ RETRIES = Counter("ibutsu_task_retries", "Retries of transient failures", ["reas
 
 
 class WorkerStateCollector(Collector):
-    """Computed at scrape time in the main process: worker up, tasks running (the main
-    process's own count, right even after a child was killed mid-task), queue lengths."""
+    """Computed at scrape time in the main process: tasks running, the main process's own
+    count (right even after a child was killed mid-task). Whether workers are up, queue
+    lengths and sends are the cluster's, exported once by the scheduler leader."""
 
-    def __init__(
-        self,
-        hostname: str,
-        active: Callable[[], int],
-        queue_lengths: Callable[[], dict[str, int]],
-    ) -> None:
+    def __init__(self, hostname: str, active: Callable[[], int]) -> None:
         self.hostname = hostname
         self.active = active
-        self.queue_lengths = queue_lengths
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        up = GaugeMetricFamily("celery_worker_up", "1 while the worker runs", labels=["hostname"])
-        up.add_metric([self.hostname], 1)
-        yield up
         active = GaugeMetricFamily(
             "celery_worker_tasks_active", "Tasks running now", labels=["hostname"]
         )
         active.add_metric([self.hostname], self.active())
         yield active
-        queues = GaugeMetricFamily(
-            "celery_queue_length", "Messages waiting in the queue", labels=["queue_name"]
-        )
-        for queue, length in self.queue_lengths().items():
-            queues.add_metric([queue], length)
-        yield queues
 
 
 def render(state: Collector) -> bytes:

@@ -161,7 +161,7 @@ class UpdateOutcome(enum.Enum):
     MISSING = "missing"
 
 
-def _lock_keys(run_id: uuid.UUID) -> tuple[int, int]:
+def lock_keys(run_id: uuid.UUID) -> tuple[int, int]:
     """Two 64-bit advisory lock keys of a run: "an update waits" and "an update runs"."""
     value = run_id.int
     waiting, running = value >> 64, value & (2**64 - 1)
@@ -178,7 +178,7 @@ def coalesced_update(session: Session, run_id: uuid.UUID) -> UpdateOutcome:
     No request is ever dropped. SQLite serialises writers anyway: every request runs."""
     if session.get_bind().dialect.name != "postgresql":
         return UpdateOutcome.UPDATED if update_summary(session, run_id) else UpdateOutcome.MISSING
-    waiting, running = _lock_keys(run_id)
+    waiting, running = lock_keys(run_id)
     will_take_session_locks(session)
     if not session.scalar(select(func.pg_try_advisory_lock(waiting))):
         return UpdateOutcome.COALESCED

@@ -1,0 +1,322 @@
+"""Series that belong to the whole deployment, exported once, by the scheduler that leads.
+
+Each worker pod exports what only it knows: its tasks' counts and runtimes, the tasks it runs
+now. What belongs to the cluster would be wrong from every pod: each would report the same
+queue length (a sum counts it N times), and a dead worker cannot report itself down (its
+series just vanish, which no alert rule can tell from a worker scaled down on purpose). The
+scheduler replica that holds the beat lease, one per deployment and already elected, watches
+the broker's events instead and exports, with celery-exporter's names and labels (so its
+alert rules and dashboards work unchanged):
+
+- ``celery_worker_up{hostname}``: 1 while a worker's heartbeats come (every 2 s), 0 once
+  they stopped for HEARTBEAT_MISSES beats (a killed pod, a lost node: kept at 0 for
+  FORGET_SECONDS, long enough for any alert) or it said goodbye (worker-offline: a pod
+  stopped on purpose, scaled down or replaced, dropped after OFFLINE_FORGET_SECONDS, before
+  an alert that waits a few minutes fires).
+- ``celery_queue_length{queue_name}``: messages waiting, read from the broker at scrape time.
+- ``celery_active_worker_count``, ``celery_active_process_count``,
+  ``celery_active_consumer_count{queue_name}``: workers consuming each queue, their pool
+  processes, and their consumers (one per worker and queue on Redis), asked of the workers
+  every INSPECT_SECONDS.
+- ``celery_task_sent_total{name,hostname,queue_name}``: every send. Producers that send
+  task-sent events (ours: the command line, beat, tasks sending follow-ups) are counted when
+  they send; a task first seen when a worker receives it (upstream's API sends no events) is
+  counted then, with hostname "unknown".
+- ``celery_task_queue_wait_time{name,queue_name}``: seconds from a send to the task's start,
+  for sends with an event.
+
+A standby exports none of these. A new leader counts from zero, which ``rate()`` and
+``increase()`` take as a counter reset; worker series come back with the first heartbeats,
+which the new leader asks for at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from ibutsu_server import task_names
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUEUE = "celery"
+HEARTBEAT_MISSES = 5  # beats (2 s each by default) without a heartbeat: the worker is down
+FORGET_SECONDS = 3600.0
+OFFLINE_FORGET_SECONDS = 120.0
+INSPECT_SECONDS = 30.0
+INSPECT_TIMEOUT = 1.0
+RECONNECT_SECONDS = 5.0
+# Task ids remembered between a send and the task's start (for the wait, and to count a send
+# once when its message is received again).
+REMEMBERED_TASKS = 100_000
+WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+
+
+@dataclass
+class _Worker:
+    last_seen: float
+    beat_seconds: float
+    offline: bool = False
+
+
+@dataclass
+class _Waits:
+    """One histogram's counts: per bucket (not cumulative), in all, and their sum."""
+
+    counts: list[int]
+    total: int = 0
+    seconds: float = 0.0
+
+    def observe(self, value: float) -> None:
+        for index, bound in enumerate(WAIT_BUCKETS):
+            if value <= bound:
+                self.counts[index] += 1
+                break
+        self.total += 1
+        self.seconds += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        cumulative, running = [], 0
+        for bound, count in zip(WAIT_BUCKETS, self.counts, strict=True):
+            running += count
+            cumulative.append((str(bound), float(running)))
+        return [*cumulative, ("+Inf", float(self.total))]
+
+
+@dataclass
+class _Send:
+    name: str
+    queue: str
+    sent_at: float | None  # the producer's clock; None when known only from its receipt
+
+
+class ClusterState:
+    """What the events said, summed up; fed by one thread, read by scrapes."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._workers: dict[str, _Worker] = {}
+        self._sends: OrderedDict[str, _Send] = OrderedDict()
+        self._sent: dict[tuple[str, str, str], int] = defaultdict(int)
+        self._waits: dict[tuple[str, str], _Waits] = {}
+        self._queues: dict[str, tuple[int, int]] = {}  # queue: workers, processes
+
+    def record(self, event: dict[str, Any]) -> None:
+        """Take one event (a dict as Celery's event receiver gives it)."""
+        kind = str(event.get("type", ""))
+        with self._lock:
+            if kind.startswith("worker-"):
+                self._worker_event(kind, event)
+            elif kind == "task-sent":
+                self._sent_event(event)
+            elif kind == "task-received":
+                self._received_event(event)
+            elif kind == "task-started":
+                self._started_event(event)
+
+    def set_queues(self, queues: dict[str, tuple[int, int]]) -> None:
+        """Workers and pool processes consuming each queue, as the workers last said."""
+        with self._lock:
+            self._queues = dict(queues)
+
+    def _worker_event(self, kind: str, event: dict[str, Any]) -> None:
+        hostname = str(event.get("hostname") or "unknown")
+        beat = float(event.get("freq") or 2.0)
+        worker = self._workers.setdefault(hostname, _Worker(self._clock(), beat))
+        worker.last_seen, worker.beat_seconds = self._clock(), beat
+        worker.offline = kind == "worker-offline"
+
+    def _remember(self, task_id: str, send: _Send) -> None:
+        self._sends[task_id] = send
+        self._sends.move_to_end(task_id)
+        while len(self._sends) > REMEMBERED_TASKS:
+            self._sends.popitem(last=False)
+
+    def _sent_event(self, event: dict[str, Any]) -> None:
+        name = _task_name(event.get("name"))
+        queue = str(event.get("queue") or event.get("routing_key") or DEFAULT_QUEUE)
+        self._sent[(name, str(event.get("hostname") or "unknown"), queue)] += 1
+        self._remember(str(event.get("uuid")), _Send(name, queue, _timestamp(event)))
+
+    def _received_event(self, event: dict[str, Any]) -> None:
+        task_id = str(event.get("uuid"))
+        if task_id in self._sends:
+            return
+        # Sent by a producer that sends no events: counted now, once.
+        name = _task_name(event.get("name"))
+        self._sent[(name, "unknown", DEFAULT_QUEUE)] += 1
+        self._remember(task_id, _Send(name, DEFAULT_QUEUE, None))
+
+    def _started_event(self, event: dict[str, Any]) -> None:
+        send = self._sends.get(str(event.get("uuid")))
+        started = _timestamp(event)
+        if send is None or send.sent_at is None or started is None:
+            return
+        # Clocks of two hosts: never a negative wait.
+        wait = max(started - send.sent_at, 0.0)
+        key = (send.name, send.queue)
+        self._waits.setdefault(key, _Waits([0] * len(WAIT_BUCKETS))).observe(wait)
+        send.sent_at = None  # a redelivery starts it again: one wait per send
+
+    def collect(self, queue_lengths: dict[str, int]) -> Iterable[Any]:
+        """The series, as of now."""
+        now = self._clock()
+        up = GaugeMetricFamily(
+            "celery_worker_up", "1 while the worker's heartbeats come", labels=["hostname"]
+        )
+        sent = CounterMetricFamily(
+            "celery_task_sent", "Tasks sent", labels=["name", "hostname", "queue_name"]
+        )
+        wait = HistogramMetricFamily(
+            "celery_task_queue_wait_time",
+            "Seconds from a task's send to its start",
+            labels=["name", "queue_name"],
+        )
+        with self._lock:
+            for hostname, worker in list(self._workers.items()):
+                forget = OFFLINE_FORGET_SECONDS if worker.offline else FORGET_SECONDS
+                if now - worker.last_seen > forget:
+                    del self._workers[hostname]
+                    continue
+                quiet = now - worker.last_seen > HEARTBEAT_MISSES * worker.beat_seconds
+                up.add_metric([hostname], 0 if worker.offline or quiet else 1)
+            for labels, count in self._sent.items():
+                sent.add_metric(list(labels), count)
+            for (name, queue), waits in self._waits.items():
+                wait.add_metric([name, queue], waits.buckets(), waits.seconds)
+            queues = dict(self._queues)
+        yield up
+        yield sent
+        yield wait
+        lengths = GaugeMetricFamily(
+            "celery_queue_length", "Messages waiting in the queue", labels=["queue_name"]
+        )
+        for queue, length in queue_lengths.items():
+            lengths.add_metric([queue], length)
+        yield lengths
+        for metric, help_text, index in (
+            ("celery_active_worker_count", "Workers consuming the queue", 0),
+            ("celery_active_process_count", "Pool processes of the workers consuming it", 1),
+            ("celery_active_consumer_count", "Consumers of the queue (one per worker)", 0),
+        ):
+            family = GaugeMetricFamily(metric, help_text, labels=["queue_name"])
+            for queue, counts in queues.items():
+                family.add_metric([queue], counts[index])
+            yield family
+
+
+def queue_lengths(app: Any) -> dict[str, int]:
+    """Messages waiting in each of the app's queues, as the broker says now."""
+    lengths: dict[str, int] = {}
+    with app.connection_for_read() as connection:
+        channel = connection.default_channel
+        for queue in app.amqp.queues:
+            try:
+                lengths[queue] = int(channel.queue_declare(queue, passive=True).message_count)
+            except Exception:  # a queue not declared yet is empty for our purpose
+                lengths[queue] = 0
+    return lengths
+
+
+def _task_name(value: Any) -> str:
+    # Only known names become labels: every new label value is a new series for good.
+    return value if isinstance(value, str) and value in task_names.ALL else "unknown"
+
+
+def _timestamp(event: dict[str, Any]) -> float | None:
+    value = event.get("timestamp")
+    return float(value) if isinstance(value, int | float) else None
+
+
+class ClusterMonitor(Collector):
+    """Feeds a ClusterState from the broker's events in a thread of its own while started
+    (this replica leads), and exports it; exports nothing while stopped."""
+
+    def __init__(self, app: Any, queue_lengths: Callable[[], dict[str, int]]) -> None:
+        self.app = app
+        self.queue_lengths = queue_lengths
+        self.state = ClusterState()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._receiver: Any = None
+        self._next_inspect = 0.0
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        """Start watching, with a fresh state (this replica has just taken the lead)."""
+        if self.running:
+            return
+        self.state = ClusterState()
+        self._stop.clear()
+        self._next_inspect = 0.0
+        self._thread = threading.Thread(target=self._watch, name="ibutsu-cluster", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop watching (the lead is lost, or the process stops)."""
+        self._stop.set()
+        if self._receiver is not None:
+            self._receiver.should_stop = True
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._thread = None
+
+    def collect(self) -> Iterable[Any]:
+        if not self.running:
+            return []
+        return list(self.state.collect(self.queue_lengths()))
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with self.app.connection_for_read() as connection:
+                    receiver = self.app.events.Receiver(
+                        connection, handlers={"*": self.state.record}
+                    )
+                    receiver.on_iteration = self._inspect_when_due
+                    self._receiver = receiver
+                    # wakeup: every worker sends a heartbeat at once, so worker_up is known
+                    # within a second of taking the lead.
+                    receiver.capture(limit=None, timeout=None, wakeup=True)
+            except Exception as exc:
+                if self._stop.is_set():
+                    return
+                log.warning(
+                    "cluster metrics: lost the broker's events (%s); again in %.0f s",
+                    type(exc).__name__,
+                    RECONNECT_SECONDS,
+                )
+                self._stop.wait(RECONNECT_SECONDS)
+
+    def _inspect_when_due(self) -> None:
+        now = time.monotonic()
+        if now < self._next_inspect:
+            return
+        self._next_inspect = now + INSPECT_SECONDS
+        try:
+            inspect = self.app.control.inspect(timeout=INSPECT_TIMEOUT)
+            active_queues = inspect.active_queues() or {}
+            stats = inspect.stats() or {}
+        except Exception as exc:  # the next round tries again
+            log.warning("cluster metrics: workers did not answer (%s)", type(exc).__name__)
+            return
+        queues: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for worker, consumed in active_queues.items():
+            processes = int((stats.get(worker) or {}).get("pool", {}).get("max-concurrency", 0))
+            for queue in consumed or []:
+                counts = queues[str(queue.get("name"))]
+                counts[0] += 1
+                counts[1] += processes
+        self.state.set_queues({queue: (c[0], c[1]) for queue, c in queues.items()})

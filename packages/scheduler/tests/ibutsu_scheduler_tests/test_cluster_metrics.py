@@ -1,0 +1,103 @@
+"""The cluster's series from events: workers up and down, every send counted once, waits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from ibutsu_scheduler.cluster_metrics import FORGET_SECONDS, OFFLINE_FORGET_SECONDS, ClusterState
+from ibutsu_server.task_names import IMPORT_RESULTS, UPDATE_RUN
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def key(*labels: tuple[str, str]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(labels))
+
+
+def samples(state: ClusterState, lengths: dict[str, int] | None = None) -> dict[Any, float]:
+    """name and sorted labels → value, as Prometheus would scrape them."""
+    registry = CollectorRegistry()
+
+    class Adapter:
+        def collect(self) -> Any:
+            return state.collect(lengths or {})
+
+    registry.register(Adapter())
+    text = generate_latest(registry).decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_workers_up_down_and_forgotten() -> None:
+    clock = Clock()
+    state = ClusterState(clock)
+    state.record({"type": "worker-online", "hostname": "w1", "freq": 2.0})
+    state.record({"type": "worker-heartbeat", "hostname": "w2", "freq": 2.0})
+
+    def up(host: str) -> float | None:
+        return samples(state).get(("celery_worker_up", (("hostname", host),)))
+
+    assert (up("w1"), up("w2")) == (1, 1)
+    state.record({"type": "worker-offline", "hostname": "w1"})  # stopped on purpose
+    clock.now += 9
+    assert (up("w1"), up("w2")) == (0, 1)
+    clock.now += 2  # w2 missed five heartbeats: killed, no goodbye
+    assert up("w2") == 0
+    state.record({"type": "worker-heartbeat", "hostname": "w2", "freq": 2.0})
+    assert up("w2") == 1
+    clock.now += OFFLINE_FORGET_SECONDS  # a goodbye is forgotten before alerts fire
+    assert (up("w1"), up("w2")) == (None, 0)
+    clock.now += FORGET_SECONDS  # a silent death stays down long enough to be noticed
+    assert up("w2") is None
+
+
+def test_every_send_counted_once_and_the_wait_from_send_to_start() -> None:
+    state = ClusterState(Clock())
+    send = {"type": "task-sent", "name": IMPORT_RESULTS, "hostname": "cli@host"}
+    state.record({**send, "uuid": "a", "queue": "celery", "timestamp": 100.0})
+    state.record({"type": "task-received", "uuid": "a", "name": IMPORT_RESULTS})
+    state.record({"type": "task-started", "uuid": "a", "timestamp": 100.7})
+    # Upstream's API sends no events: its task is counted when a worker receives it, once,
+    # however many times the message is delivered.
+    for _ in range(2):
+        state.record({"type": "task-received", "uuid": "b", "name": UPDATE_RUN})
+    state.record({"type": "task-started", "uuid": "b", "timestamp": 200.0})
+    state.record({"type": "task-received", "uuid": "c", "name": "made.up.name"})
+    found = samples(state, {"celery": 7})
+
+    def sent(name: str, hostname: str) -> float:
+        labels = key(("name", name), ("hostname", hostname), ("queue_name", "celery"))
+        return found[("celery_task_sent_total", labels)]
+
+    assert (sent(IMPORT_RESULTS, "cli@host"), sent(UPDATE_RUN, "unknown")) == (1, 1)
+    assert sent("unknown", "unknown") == 1  # a name no worker registers is no label
+    wait = key(("name", IMPORT_RESULTS), ("queue_name", "celery"))
+    assert found[("celery_task_queue_wait_time_count", wait)] == 1
+    assert abs(found[("celery_task_queue_wait_time_sum", wait)] - 0.7) < 1e-9
+    assert found[("celery_task_queue_wait_time_bucket", key(*wait, ("le", "0.5")))] == 0
+    assert found[("celery_task_queue_wait_time_bucket", key(*wait, ("le", "1.0")))] == 1
+    # No send event, no wait: it cannot be known.
+    waits = [k for k in found if k[0].startswith("celery_task_queue_wait")]
+    assert waits and not [k for k in waits if ("name", UPDATE_RUN) in k[1]]
+    assert found[("celery_queue_length", (("queue_name", "celery"),))] == 7
+
+
+def test_queue_consumers() -> None:
+    state = ClusterState(Clock())
+    state.set_queues({"celery": (2, 8)})
+    found = samples(state)
+    assert found[("celery_active_worker_count", (("queue_name", "celery"),))] == 2
+    assert found[("celery_active_process_count", (("queue_name", "celery"),))] == 8
+    assert found[("celery_active_consumer_count", (("queue_name", "celery"),))] == 2
