@@ -1,0 +1,1 @@
+"""Offline checks of the deploy manifests, and the generator of their PrometheusRule."""
