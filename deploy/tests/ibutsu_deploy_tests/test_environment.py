@@ -26,7 +26,7 @@ def test_role_settings_load(name: str, role: Role) -> None:
     workload, container = role_containers(deployable_sets()[name])[role]
     environment = resolve_env(container, DUMMY_SECRETS)
     # A $(VAR) naming nothing defined above it reaches the process verbatim.
-    assert environment.unresolved == []
+    assert environment.unresolved == [], f"not expanded: {environment.unresolved}"
     try:
         settings = load_settings(role, environment.values)
     except ConfigError as error:
@@ -40,6 +40,8 @@ def test_role_settings_load(name: str, role: Role) -> None:
         assert settings.database is None
         assert not any(v.startswith("POSTGRESQL_") for v in environment.values)
         assert settings.flower_basic_auth == "admin:dummy-flower-password"
+        # Flower takes every FLOWER_* variable for one of its options.
+        assert {v for v in environment.values if v.startswith("FLOWER_")} == {"FLOWER_BASIC_AUTH"}
         return
     assert settings.database is not None
     assert settings.database.host == environment.values["POSTGRESQL_HOST"]

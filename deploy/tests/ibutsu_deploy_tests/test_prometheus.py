@@ -88,13 +88,20 @@ def test_generator_follows_the_rules(tmp_path: Path) -> None:
     for relative in (ALERT_RULES, BASE_PROMETHEUS_RULE, OPENSHIFT_TEMPLATE):
         (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(root() / relative, tmp_path / relative)
-    rules = tmp_path / ALERT_RULES
-    rules.write_text(rules.read_text().replace("for: 5m", "for: 7m", 1))
+    # Another set of rules, whatever the real file holds today.
+    edited = (
+        "groups:\n  - name: g\n    rules:\n      - alert: A\n        expr: |\n          vector(1)\n"
+    )
+    (tmp_path / ALERT_RULES).write_text(edited)
     assert alert_rules.main(["--check", "--root", str(tmp_path)]) == 1
     assert alert_rules.main(["--root", str(tmp_path)]) == 0
     assert alert_rules.stale(tmp_path) == []
+    expected = [{"name": "g", "rules": [{"alert": "A", "expr": "vector(1)\n"}]}]
     (rule,) = load_documents(tmp_path / BASE_PROMETHEUS_RULE)
-    assert rule["spec"]["groups"][0]["rules"][0]["for"] == "7m"
+    assert rule["spec"]["groups"] == expected
+    (template,) = load_documents(tmp_path / OPENSHIFT_TEMPLATE)
+    (generated,) = (o for o in template["objects"] if o["kind"] == "PrometheusRule")
+    assert generated["spec"]["groups"] == expected
 
 
 def test_scrape_config_is_job_celery_on_the_smoke_ports() -> None:
