@@ -5,8 +5,8 @@
 1. installs what it needs (podman, runc and the base image through images/setup-podman.sh,
    Debian's prometheus) and builds everything with `./pants package ::`;
 2. checks each image: its size, that it runs under an arbitrary UID with group 0 on a
-   read-only root filesystem, and that the Flower image holds no Flask, SQLAlchemy, psycopg2
-   or Alembic file;
+   read-only root filesystem, that it holds no shell, package manager or compiler but tz
+   data, and that the Flower image holds no Flask, SQLAlchemy, psycopg2 or Alembic file;
 3. runs the images with podman (host network) against the machine's Redis (a database of its
    own, flushed) and PostgreSQL (a throwaway database): the worker imports a report sent with
    `ibutsu-tasks import`; the scheduler's `recover-imports` entry (every 2 minutes) reaches
@@ -56,6 +56,13 @@ METRICS_USER, METRICS_PASSWORD = "prometheus", "smoke-metrics-password"
 FLOWER_AUTH = "admin:smoke-flower-password"
 WORKER_HOSTNAME = "ibutsu-smoke-worker"
 FLOWER_FORBIDDEN = ("flask", "sqlalchemy", "psycopg2", "alembic")
+# No shell, package manager or compiler (paths as `podman export` lists them); tz data present.
+NO_TOOLS = {
+    f"{folder}/{tool}"
+    for folder in ("bin", "usr/bin", "usr/local/bin")
+    for tool in ("sh", "bash", "dash", "busybox", "apt", "apt-get", "dpkg", "pip", "gcc", "cc")
+}
+TZ_DATA = "usr/share/zoneinfo/UTC"
 FORBIDDEN_PREFIXES = tuple(f"app/lib/python3.11/site-packages/{name}" for name in FLOWER_FORBIDDEN)
 RECOVER_IMPORTS = "ibutsu_server.tasks.importers.recover_imports"
 # Upstream's role images (backend/docker/Dockerfile.{worker,scheduler,flower}) each install the
@@ -169,7 +176,8 @@ def image_files(image: str) -> list[str]:
 
 
 def check_image(role: str) -> float:
-    """Size within its limit, runs as any UID on a read-only root; Flower has no database code."""
+    """Size within its limit, runs as any UID on a read-only root, no shell or tools, tz data;
+    Flower has no database code."""
     image = f"ibutsu-{role}:latest"
     size = image_size_mb(image)
     if size > SIZE_LIMITS_MB[role]:
@@ -189,8 +197,11 @@ def check_image(role: str) -> float:
     ).split()
     if whoami != RUN_AS.split(":"):
         raise SmokeFailure(f"{image} ran as {whoami}, not {RUN_AS}")
+    files = set(image_files(image))
+    tools = sorted(files & NO_TOOLS)
+    if tools or TZ_DATA not in files:
+        raise SmokeFailure(f"{image}: shell or tools {tools}, tz data {TZ_DATA in files}")
     if role == "flower":
-        files = image_files(image)
         # Distributions and top-level packages (kombu's own transport module may say sqlalchemy).
         found = [name for name in files if name.lower().startswith(FORBIDDEN_PREFIXES)]
         if found:
