@@ -155,12 +155,13 @@ def celery_process(
     log_path: Path,
     ready: Callable[[], bool] | None = None,
     ready_timeout: float = 60.0,
+    exit_ok: bool = False,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A real ``celery -A app <command>`` process (worker, beat, flower) in a process group of
     its own, so a test can kill it and its children at once; its output goes to ``log_path``.
 
-    Yields once ``ready()`` is true (it fails the test if the process exits first); stops the
-    process afterwards, gracefully if it can."""
+    Yields once ``ready()`` is true; if the process exits first, that fails the test, unless
+    ``exit_ok`` (then it yields at once). Stops the process afterwards, gracefully if it can."""
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
             [*DIE_WITH_PARENT, sys.executable, "-m", "celery", "-A", app, *command],
@@ -173,6 +174,8 @@ def celery_process(
 
         def started() -> bool:
             if process.poll() is not None:
+                if exit_ok:
+                    return True
                 raise AssertionError(
                     f"celery {command[0]} exited:\n" + log_path.read_text(errors="replace")
                 )

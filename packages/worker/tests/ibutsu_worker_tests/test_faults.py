@@ -265,6 +265,7 @@ def test_a_database_outage_strands_nothing(service_environ: dict[str, str], tmp_
 # --- secrets --------------------------------------------------------------------------------
 
 SECRETS = ("broker-pw-31415", "backend-pw-27182", "database-pw-16180", "flower-pw-14142")
+REFUSED = "Connection refused"
 
 
 def test_no_log_line_of_any_role_holds_a_password(tmp_path: Path) -> None:
@@ -290,10 +291,13 @@ def test_no_log_line_of_any_role_holds_a_password(tmp_path: Path) -> None:
     logs = []
     for name, (app, command) in roles.items():
         log = tmp_path / f"{name}.log"
-        failing = lambda log=log: "Error" in log.read_text(errors="replace")  # noqa: E731
-        with celery_process(app, command, env, log, ready=failing):
+        # Each role loads, tries the broker and logs the refusal; beat then exits.
+        refused = lambda log=log: REFUSED in log.read_text(errors="replace")  # noqa: E731
+        with celery_process(app, command, env, log, ready=refused, exit_ok=True):
             pass
-        logs.append(log.read_text(errors="replace"))
+        text = log.read_text(errors="replace")
+        assert REFUSED in text, f"{name} never tried its broker:\n{text[-3000:]}"
+        logs.append(text)
     cli = subprocess.run(
         [sys.executable, "-m", "ibutsu_worker.cli", "db", "upgrade"],
         env=clean_environ(**env),
