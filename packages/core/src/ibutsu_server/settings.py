@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 import zoneinfo
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ POSTGRESQL_VARS = (
     "POSTGRESQL_DATABASE",
 )
 MIN_PASSWORD_LENGTH = 12
+GIB = 1024 * 1024 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # A message that nobody renewed for this long is handed to another worker: its worker is gone.
 # Workers renew the messages they hold (ibutsu_worker.leases), however long their tasks run.
@@ -32,6 +34,13 @@ DEFAULT_VISIBILITY_TIMEOUT = 90
 DEFAULT_SOFT_SHUTDOWN_SECONDS = 20
 # Longer than any wait the main loops make on purpose (a Redis socket timeout is 30 s).
 DEFAULT_LIVENESS_SECONDS = 120
+# Upper ends of the numeric variables' ranges: beyond them a value is a typo or an attack
+# (an overflow, a fork bomb), never a deployment's choice.
+HOUR = 3600
+DAY = 24 * HOUR
+MAX_PORT = 65535
+MAX_CONCURRENCY = 256
+MAX_RETENTION_MONTHS = 1200
 
 
 class Role(enum.Enum):
@@ -77,11 +86,14 @@ class DatabaseSettings:
 
 @dataclass(frozen=True)
 class Limit:
-    """One import limit: the variable that sets it, its default, and how a refusal reads."""
+    """One import limit: the variable that sets it, its default and range, and how a refusal
+    reads."""
 
     variable: str
     default: int
     refusal: str  # formatted with {limit} and {found}
+    maximum: int
+    minimum: int = 1
 
 
 #: Every import limit, by its ImportLimits field: the one place its variable and message live.
@@ -90,28 +102,46 @@ LIMITS = {
         "IBUTSU_IMPORT_MAX_UPLOAD_BYTES",
         512 * 1024 * 1024,
         "the report is {found} bytes, over the upload limit of {limit} bytes",
+        maximum=GIB,  # PostgreSQL stores no bytea value over 1 GB
     ),
     "max_results": Limit(
-        "IBUTSU_IMPORT_MAX_RESULTS", 2_000_000, "too many results: the limit is {limit} per import"
+        "IBUTSU_IMPORT_MAX_RESULTS",
+        2_000_000,
+        "too many results: the limit is {limit} per import",
+        maximum=10_000_000,
     ),
     "max_archive_members": Limit(
-        "IBUTSU_IMPORT_MAX_ARCHIVE_MEMBERS", 200_000, "the archive has more than {limit} members"
+        "IBUTSU_IMPORT_MAX_ARCHIVE_MEMBERS",
+        200_000,
+        "the archive has more than {limit} members",
+        maximum=1_000_000,
     ),
     "max_archive_bytes": Limit(
         "IBUTSU_IMPORT_MAX_ARCHIVE_BYTES",
-        2 * 1024 * 1024 * 1024,
+        2 * GIB,
         "the archive unpacks to more than {limit} bytes",
+        maximum=16 * GIB,
     ),
     "max_artifact_bytes": Limit(
         "IBUTSU_IMPORT_MAX_ARTIFACT_BYTES",
         64 * 1024 * 1024,
         "{found} is over the limit of {limit} bytes per file",
+        maximum=GIB,
+    ),
+    "max_footprint_ratio": Limit(
+        "IBUTSU_IMPORT_MAX_FOOTPRINT_RATIO",
+        8,
+        "the report would store more than {limit} times its size plus 256 bytes a row "
+        "({found} so far): a value it repeats into every result is too big",
+        minimum=2,
+        maximum=100,
     ),
     "max_deliveries": Limit(
         "IBUTSU_IMPORT_MAX_DELIVERIES",
         3,
         "the worker died while importing it, {found} times; it was stopped so that it cannot "
         "take down more workers",
+        maximum=100,
     ),
 }
 
@@ -125,6 +155,7 @@ class ImportLimits:
     max_archive_members: int = LIMITS["max_archive_members"].default
     max_archive_bytes: int = LIMITS["max_archive_bytes"].default
     max_artifact_bytes: int = LIMITS["max_artifact_bytes"].default
+    max_footprint_ratio: int = LIMITS["max_footprint_ratio"].default
     max_deliveries: int = LIMITS["max_deliveries"].default
 
     def refusal(self, name: str, found: object = "") -> str:
@@ -183,23 +214,35 @@ class Settings:
 
 
 def redact_url(url: str) -> str:
-    """Replace the password of a URL (of each, in Celery's 'url;url' lists) with '***'.
+    """``url`` with every password in it replaced by '***': of each URL in Celery's 'url;url'
+    lists, or, when a password may itself hold ';', '@', ':' or '://', of all of them at once.
 
-    Cuts by text, not by parsing: a password with an unencoded '/', '#' or '?' still goes."""
-    return ";".join(_redact_one(part) for part in url.split(";"))
+    Cuts by text, not by parsing: a password with unencoded '/', '#', '?', ';', '@' or '%'
+    still goes. Each URL's user stays, and each host when the list can be split unambiguously:
+    every part then names a user and a non-empty password ending at its last '@', so whatever
+    a password holds, its first characters are in the part they start in and are masked."""
+    parts = _URL_START.split(url)
+    if all(_CREDENTIALS.fullmatch(part) for part in parts):
+        return ";".join(_mask(part, part.index("://") + 3) for part in parts)
+    start = url.find("://")
+    return _mask(url, start + 3 if start >= 0 else 0)
 
 
-def _redact_one(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        # Not scheme://: whatever stands before the last "@" may hold a password.
-        head, at, host = url.rpartition("@")
-        return f"{head.partition(':')[0]}:***@{host}" if at else url
-    credentials, at, host = rest.rpartition("@")
-    if not at or ":" not in credentials:
+# A ';' that starts another URL of a list (Celery's failover and Sentinel lists).
+_URL_START = re.compile(r";(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+# scheme://user:password@host with a non-empty password, up to the part's last '@'.
+_CREDENTIALS = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^:@]*:.+@[^@]*", re.DOTALL)
+
+
+def _mask(url: str, start: int) -> str:
+    """``url`` with what lies between the user (from ``start`` to the first ':' or '@') and
+    the last '@' replaced by ':***'; unchanged without an '@' (no credentials)."""
+    end = url.rfind("@")
+    if end < start:
         return url
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
+    user = re.match(r"[^:@]*", url[start:end])
+    assert user is not None  # matches the empty string at least
+    return f"{url[:start]}{user.group()}:***{url[end:]}"
 
 
 class _Reader:
@@ -231,22 +274,26 @@ class _Reader:
             )
         return value
 
-    def count(self, name: str, default: int, *, minimum: int = 1) -> int:
+    def count(self, name: str, default: int, *, minimum: int = 1, maximum: int) -> int:
         """An integer variable that always has a value: ``default`` when unset or bad."""
-        value = self.integer(name, default, minimum=minimum)
+        value = self.integer(name, default, minimum=minimum, maximum=maximum)
         return default if value is None else value
 
-    def integer(self, name: str, default: int | None, *, minimum: int) -> int | None:
+    def integer(self, name: str, default: int | None, *, minimum: int, maximum: int) -> int | None:
+        """An integer variable within ``minimum``..``maximum``; ``default`` when unset, and a
+        problem naming the variable and its range when out of it."""
         raw = self.environ.get(name, "").strip()
         if not raw:
             return default
         try:
             value = int(raw)
         except ValueError:
-            self.problems.append(f"{name} must be an integer, got {raw!r}")
+            self.problems.append(f"{name} must be an integer, got {raw[:40]!r}")
             return default
-        if value < minimum:
-            self.problems.append(f"{name} must be at least {minimum}, got {value}")
+        if not minimum <= value <= maximum:
+            self.problems.append(
+                f"{name} must be at least {minimum} and at most {maximum}, got {raw[:40]}"
+            )
             return default
         return value
 
@@ -291,12 +338,10 @@ def _embedded_requested(role: Role, environ: Mapping[str, str]) -> bool:
 
 
 def _read_database(reader: _Reader) -> DatabaseSettings:
-    port = reader.integer("POSTGRESQL_PORT", 5432, minimum=1)
-    if port is not None and port > 65535:
-        reader.problems.append(f"POSTGRESQL_PORT must be at most 65535, got {port}")
+    port = reader.count("POSTGRESQL_PORT", 5432, maximum=MAX_PORT)
     return DatabaseSettings(
         host=reader.text("POSTGRESQL_HOST", required=True),
-        port=port or 5432,
+        port=port,
         user=reader.text("POSTGRESQL_USER", required=True),
         password=reader.text("POSTGRESQL_PASSWORD", required=False),
         database=reader.text("POSTGRESQL_DATABASE", required=True),
@@ -312,31 +357,41 @@ def _known_timezone(name: str) -> bool:
 
 
 def _read_metrics(reader: _Reader) -> MetricsSettings | None:
-    port = reader.integer("IBUTSU_METRICS_PORT", None, minimum=0)
+    port = reader.integer("IBUTSU_METRICS_PORT", None, minimum=1, maximum=MAX_PORT)
     if port is None:
         return None
-    if port > 65535:
-        reader.problems.append(f"IBUTSU_METRICS_PORT must be at most 65535, got {port}")
     basic_auth = None
     if reader.environ.get("IBUTSU_METRICS_BASIC_AUTH", "").strip():
         basic_auth = reader.credentials("IBUTSU_METRICS_BASIC_AUTH")
-    liveness = reader.count("IBUTSU_LIVENESS_TIMEOUT", DEFAULT_LIVENESS_SECONDS, minimum=10)
+    liveness = reader.count(
+        "IBUTSU_LIVENESS_TIMEOUT", DEFAULT_LIVENESS_SECONDS, minimum=10, maximum=HOUR
+    )
     return MetricsSettings(port=port, basic_auth=basic_auth, liveness_seconds=liveness)
 
 
 def _read_import_limits(reader: _Reader) -> ImportLimits:
     return ImportLimits(
-        **{name: reader.count(limit.variable, limit.default) for name, limit in LIMITS.items()}
+        **{
+            name: reader.count(
+                limit.variable, limit.default, minimum=limit.minimum, maximum=limit.maximum
+            )
+            for name, limit in LIMITS.items()
+        }
     )
 
 
 def _read_retention(reader: _Reader) -> Retention:
+    months = MAX_RETENTION_MONTHS
     return Retention(
-        files_months=reader.count("IBUTSU_PRUNE_FILES_MONTHS", Retention.files_months),
-        results_months=reader.count("IBUTSU_PRUNE_RESULTS_MONTHS", Retention.results_months),
-        runs_months=reader.count("IBUTSU_PRUNE_RUNS_MONTHS", Retention.runs_months),
+        files_months=reader.count(
+            "IBUTSU_PRUNE_FILES_MONTHS", Retention.files_months, maximum=months
+        ),
+        results_months=reader.count(
+            "IBUTSU_PRUNE_RESULTS_MONTHS", Retention.results_months, maximum=months
+        ),
+        runs_months=reader.count("IBUTSU_PRUNE_RUNS_MONTHS", Retention.runs_months, maximum=months),
         import_files_days=reader.count(
-            "IBUTSU_PRUNE_IMPORT_FILES_DAYS", Retention.import_files_days
+            "IBUTSU_PRUNE_IMPORT_FILES_DAYS", Retention.import_files_days, maximum=months * 31
         ),
     )
 
@@ -353,13 +408,16 @@ class _Execution:
 
 def _read_execution(reader: _Reader) -> _Execution:
     return _Execution(
-        concurrency=reader.count("CELERY_WORKER_CONCURRENCY", 1),
-        time_limit=reader.integer("CELERY_TASK_TIME_LIMIT", None, minimum=1),
+        concurrency=reader.count("CELERY_WORKER_CONCURRENCY", 1, maximum=MAX_CONCURRENCY),
+        time_limit=reader.integer("CELERY_TASK_TIME_LIMIT", None, minimum=1, maximum=7 * DAY),
         visibility_timeout=reader.count(
-            "CELERY_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT, minimum=10
+            "CELERY_VISIBILITY_TIMEOUT", DEFAULT_VISIBILITY_TIMEOUT, minimum=10, maximum=DAY
         ),
         soft_shutdown_seconds=reader.count(
-            "CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT", DEFAULT_SOFT_SHUTDOWN_SECONDS, minimum=0
+            "CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT",
+            DEFAULT_SOFT_SHUTDOWN_SECONDS,
+            minimum=0,
+            maximum=HOUR,
         ),
     )
 
@@ -391,7 +449,7 @@ def load_settings(role: Role, environ: Mapping[str, str] | None = None) -> Setti
         reader.problems.append(
             f"CELERY_WORKER_LOGLEVEL must be one of {', '.join(LOG_LEVELS)}, got {loglevel!r}"
         )
-    expires = reader.integer("CELERY_RESULT_EXPIRES", 86400, minimum=0)
+    expires = reader.count("CELERY_RESULT_EXPIRES", DAY, minimum=0, maximum=30 * DAY)
     timezone = env.get("CELERY_TIMEZONE", "").strip() or "UTC"
     if not _known_timezone(timezone):
         reader.problems.append(f"CELERY_TIMEZONE must be an IANA time zone name, got {timezone!r}")
@@ -413,7 +471,7 @@ def load_settings(role: Role, environ: Mapping[str, str] | None = None) -> Setti
         embedded_dir=embedded_dir,
         flower_basic_auth=flower_auth,
         worker_concurrency=execution.concurrency,
-        result_expires=86400 if expires is None else expires,
+        result_expires=expires,
         task_time_limit=execution.time_limit,
         visibility_timeout=execution.visibility_timeout,
         soft_shutdown_seconds=execution.soft_shutdown_seconds,

@@ -1,8 +1,11 @@
+import random
+import string
+import urllib.parse
 from pathlib import Path
 
 import pytest
 
-from ibutsu_server.settings import ConfigError, Role, load_settings, redact_url
+from ibutsu_server.settings import LIMITS, ConfigError, Role, load_settings, redact_url
 
 BROKER = {
     "CELERY_BROKER_URL": "redis://:s3cret@redis:6379/0",
@@ -205,3 +208,117 @@ def test_a_broker_url_needs_a_scheme_and_a_host_and_never_shows_its_password(
         load_settings(Role.WORKER, {**BROKER, **DATABASE, "CELERY_BROKER_URL": url})
     assert problem in str(caught.value)
     assert "s3cret" not in str(caught.value)
+
+
+# Every numeric variable, the role that reads it, and its range.
+RANGES = [
+    ("POSTGRESQL_PORT", Role.WORKER, 1, 65535),
+    ("IBUTSU_METRICS_PORT", Role.WORKER, 1, 65535),
+    ("IBUTSU_LIVENESS_TIMEOUT", Role.SCHEDULER, 10, 3600),
+    ("CELERY_WORKER_CONCURRENCY", Role.WORKER, 1, 256),
+    ("CELERY_TASK_TIME_LIMIT", Role.WORKER, 1, 7 * 86400),
+    ("CELERY_VISIBILITY_TIMEOUT", Role.WORKER, 10, 86400),
+    ("CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT", Role.WORKER, 0, 3600),
+    ("CELERY_RESULT_EXPIRES", Role.FLOWER, 0, 30 * 86400),
+    ("IBUTSU_PRUNE_FILES_MONTHS", Role.SCHEDULER, 1, 1200),
+    ("IBUTSU_PRUNE_RESULTS_MONTHS", Role.SCHEDULER, 1, 1200),
+    ("IBUTSU_PRUNE_RUNS_MONTHS", Role.SCHEDULER, 1, 1200),
+    ("IBUTSU_PRUNE_IMPORT_FILES_DAYS", Role.SCHEDULER, 1, 1200 * 31),
+    *((limit.variable, Role.WORKER, limit.minimum, limit.maximum) for limit in LIMITS.values()),
+]
+
+
+@pytest.mark.parametrize(("variable", "role", "low", "high"), RANGES, ids=[r[0] for r in RANGES])
+def test_every_numeric_setting_has_a_range(variable: str, role: Role, low: int, high: int) -> None:
+    env = {**BROKER, **DATABASE, "FLOWER_BASIC_AUTH": "admin:a-long-password"}
+    if variable == "IBUTSU_LIVENESS_TIMEOUT":
+        env["IBUTSU_METRICS_PORT"] = "9808"
+    for good in (low, high):
+        load_settings(role, {**env, variable: str(good)})
+    for bad in (low - 1, high + 1, 99999999999999999999):
+        with pytest.raises(ConfigError) as caught:
+            load_settings(role, {**env, variable: str(bad)})
+        assert caught.value.problems == [
+            f"{variable} must be at least {low} and at most {high}, got {bad}"
+        ]
+
+
+def test_the_settings_of_the_issue_are_refused_by_name() -> None:
+    env = {
+        **BROKER,
+        **DATABASE,
+        "CELERY_VISIBILITY_TIMEOUT": "99999999999999999999",
+        "CELERY_WORKER_CONCURRENCY": "99999999",
+        "IBUTSU_METRICS_PORT": "0",
+    }
+    with pytest.raises(ConfigError) as caught:
+        load_settings(Role.WORKER, env)
+    assert caught.value.problems == [
+        "CELERY_WORKER_CONCURRENCY must be at least 1 and at most 256, got 99999999",
+        "CELERY_VISIBILITY_TIMEOUT must be at least 10 and at most 86400, "
+        "got 99999999999999999999",
+        "IBUTSU_METRICS_PORT must be at least 1 and at most 65535, got 0",
+    ]
+
+
+# --- redaction, over generated URLs ---------------------------------------------------------
+
+# What a password may hold, unencoded and encoded, and the pieces that look like a URL's own
+# structure, so that generated passwords try every way of confusing the redaction.
+PASSWORD_PIECES = [
+    *string.ascii_letters,
+    *string.digits,
+    *"-._~!$&'()*+,;=:@%/?#",
+    "%3B",
+    "%40",
+    "%3A",
+    "%25",
+    "%2F",
+    "://",
+    ";redis://",
+    "@h;",
+    ";sentinel://u:",
+    "@",
+    "::",
+]
+SCHEMES = ("redis", "rediss", "sentinel", "amqp")
+
+
+def _password(rng: random.Random) -> str:
+    # A random core makes a password unlikely to occur elsewhere in its URL by chance.
+    core = "".join(rng.choices(string.ascii_letters + string.digits, k=6))
+    before = "".join(rng.choices(PASSWORD_PIECES, k=rng.randint(0, 6)))
+    after = "".join(rng.choices(PASSWORD_PIECES, k=rng.randint(0, 6)))
+    return before + core + after
+
+
+def _url(rng: random.Random, password: str) -> str:
+    user = rng.choice(["", "default", "ibutsu"])
+    host = rng.choice(["redis", "10.0.0.7", "[::1]", "redis.example.com"])
+    port = rng.choice(["", ":6379", ":26379"])
+    return f"{rng.choice(SCHEMES)}://{user}:{password}@{host}{port}/{rng.randint(0, 15)}"
+
+
+def test_no_password_survives_redaction_whatever_it_holds() -> None:
+    rng = random.Random(18)
+    for _ in range(5000):
+        passwords = [_password(rng) for _ in range(rng.randint(1, 3))]
+        url = ";".join(_url(rng, password) for password in passwords)
+        shown = redact_url(url)
+        for password in passwords:
+            assert password not in shown, (url, shown)
+            assert urllib.parse.unquote(password) not in shown, (url, shown)
+        try:
+            load_settings(Role.WORKER, {**BROKER, **DATABASE, "CELERY_BROKER_URL": url})
+            message = ""
+        except ConfigError as error:
+            message = str(error)
+        assert not any(password in message for password in passwords), message
+
+
+def test_a_password_with_a_semicolon_is_not_split_into_urls() -> None:
+    url = "redis://:ab12;cd34@host:6379/11"
+    assert redact_url(url) == "redis://:***@host:6379/11"
+    with pytest.raises(ConfigError) as caught:
+        load_settings(Role.WORKER, {**BROKER, **DATABASE, "CELERY_BROKER_URL": url})
+    assert "ab12" not in str(caught.value) and "cd34" not in str(caught.value)
