@@ -15,6 +15,7 @@ happen when a task has failed for good (an import marked as failed) goes in
 
 from __future__ import annotations
 
+import inspect
 import logging
 import random
 import socket
@@ -171,6 +172,15 @@ class IbutsuTask(Task):  # type: ignore[misc]
         it rolls back. ``options`` go to send_task (``countdown=5``, ``kwargs={...}``)."""
         self.after_commit(lambda: self.app.send_task(task_name, args=list(args), **options))
 
+    def argument_problem(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        """Why ``args`` and ``kwargs`` do not fit this task's signature, in one line; None
+        when they do."""
+        try:
+            inspect.signature(self.run).bind(*args, **kwargs)
+        except TypeError as exc:
+            return " ".join(f"bad arguments for {self.name}: {exc}".split())[:300]
+        return None
+
     def _first_failure(self) -> float:
         """When this task first failed (carried from retry to retry in a message header)."""
         headers = self.request.headers or {}
@@ -180,6 +190,12 @@ class IbutsuTask(Task):  # type: ignore[misc]
         return float(first) if first else time.time()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        problem = self.argument_problem(args, kwargs)
+        if problem is not None:
+            # Bad input from whoever sent the message: one line, stored as the task's answer,
+            # never Celery's TypeError with its traceback.
+            log.warning("%s[%s]: %s", self.name, self.request.id, problem)
+            return {"error": problem}
         try:
             with self.session_scope():
                 return super().__call__(*args, **kwargs)

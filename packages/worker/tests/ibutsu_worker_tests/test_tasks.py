@@ -228,3 +228,12 @@ def test_recover_imports_requeues_what_nobody_will_finish(
     assert sorted(args[0] for args in requeued) == sorted([str(orphan), str(lost)])
     error = app_session.get(Import, hopeless).data  # type: ignore[union-attr]
     assert error is not None and "its worker was lost 3 times" in error["error"]
+
+
+@pytest.mark.parametrize("name", sorted(task_names.ALL))
+def test_arguments_a_task_does_not_take_are_answered_in_one_line(
+    worker_app: Celery, name: str
+) -> None:
+    answer = call(worker_app, name, "a", "b", "c", "d", "e", "f", "g", surprise=1)
+    assert answer["error"].startswith(f"bad arguments for {name}: ")
+    assert "\n" not in answer["error"] and "Traceback" not in answer["error"]
