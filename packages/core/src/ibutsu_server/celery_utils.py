@@ -26,7 +26,7 @@ from ibutsu_server.settings import (
 )
 
 if TYPE_CHECKING:
-    from http.server import ThreadingHTTPServer
+    from ibutsu_server.http_endpoints import ProbeServer
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class IbutsuCelery(Celery):  # type: ignore[misc]
     def __init__(self, settings: Settings, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.settings = settings
-        self.endpoint: ThreadingHTTPServer | None = None
+        self.endpoint: ProbeServer | None = None
         timeout = settings.metrics.liveness_seconds if settings.metrics else None
         self.liveness = LoopWatch(timeout or DEFAULT_LIVENESS_SECONDS)
 
