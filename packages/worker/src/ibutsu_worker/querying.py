@@ -396,6 +396,19 @@ def _serialise(kind: str, row: Any) -> dict[str, Any]:
     return out
 
 
+def _stored_size(kind: str) -> ColumnElement[int]:
+    """About how many characters a row of ``kind`` takes as JSON, computed by the database
+    from the row's columns as text (a lower bound: JSON escapes some characters)."""
+    model = MODELS[kind]
+    sizes = [
+        func.coalesce(func.length(cast(getattr(model, name), Text)), 0) for name in COLUMNS[kind]
+    ]
+    total: ColumnElement[int] = sizes[0]
+    for size in sizes[1:]:
+        total = total + size
+    return total
+
+
 def _page(
     session: Session,
     kind: str,
@@ -405,20 +418,37 @@ def _page(
     estimate: bool,
     unfiltered: bool,
 ) -> Page:
+    """The page, loading no more rows than its payload can hold: first each row's id and
+    size, in order, up to MAX_PAYLOAD_BYTES; then only those rows. Memory follows what is
+    returned, however big the rows it skips."""
     total, is_estimate = _count(session, query, kind, estimate, unfiltered)
     model = MODELS[kind]
-    columns = [getattr(model, name) for name in COLUMNS[kind]]
     ordered = (
-        query.with_only_columns(*columns)
-        .order_by(model.start_time.desc(), model.id)
+        query.order_by(model.start_time.desc(), model.id)
         .offset((page - 1) * page_size)
         .limit(page_size)
-        .execution_options(yield_per=STREAM_ROWS)
     )
-    rows, size, truncated = [], 2, False
-    with contextlib.closing(session.execute(ordered)) as streamed:
-        for row in streamed:
-            item = _serialise(kind, row)
+    sizes = ordered.with_only_columns(model.id, _stored_size(kind)).execution_options(
+        yield_per=STREAM_ROWS
+    )
+    chosen: list[Any] = []
+    size, truncated = 2, False
+    with contextlib.closing(session.execute(sizes)) as streamed:
+        for row_id, row_size in streamed:
+            size += int(row_size) + 1
+            if size > MAX_PAYLOAD_BYTES:
+                truncated = True
+                break
+            chosen.append(row_id)
+    rows: list[dict[str, Any]] = []
+    if chosen:
+        columns = [getattr(model, name) for name in COLUMNS[kind]]
+        loaded = {
+            row.id: row for row in session.execute(select(*columns).where(model.id.in_(chosen)))
+        }
+        size = 2
+        for row_id in chosen:
+            item = _serialise(kind, loaded[row_id])
             size += len(json.dumps(item, default=str)) + 1
             if size > MAX_PAYLOAD_BYTES:
                 truncated = True
