@@ -247,7 +247,7 @@ class Submitter:
                 file=record.filename or "",
                 import_id=import_id,
                 status=record.status or "",
-                message=data.get("error"),
+                message=data.get("error") or "; ".join(data.get("warnings") or []) or None,
                 run_id=run_id,
                 summary=summary,
             )

@@ -193,6 +193,17 @@ def big_result_json(archive: Sample) -> bytes:
     return archive.archive([file(f"{archive.run_id}/{result_id}/result.json", padding)])
 
 
+def values_flood(archive: Sample, count: int = 1_000_000) -> bytes:
+    """A result.json under the size limit holding ``count`` empty objects (each costs 64 bytes
+    of memory once parsed, for 3 bytes of JSON)."""
+    result = archive.results[-1]
+    result["metadata"]["flood"] = [{}] * count
+    document = json.dumps(result, separators=(",", ":")).encode()
+    folder = f"{archive.run_id}/{result['id']}"
+    archive.results.pop()
+    return archive.archive([file(f"{folder}/result.json", document)])
+
+
 def long_name(archive: Sample) -> bytes:
     """A member whose name alone is 50 kB, to make the import's message huge."""
     return archive.archive([file(f"{archive.run_id}/../{'a' * 50_000}", b"x")])
@@ -315,6 +326,36 @@ HOSTILE: list[tuple[str, Build, dict[str, int], str]] = [
     ),
     ("unknown-outcome", lambda a: with_result(a, result="meh"), {}, "result is 'meh'"),
     ("nan", lambda a: with_result(a, duration=float("nan")), {}, "not a finite number"),
+    (
+        "huge-duration",
+        lambda a: with_result(a, duration=1.7e308),
+        {},
+        "duration must be a number of seconds from 0 to a year, not 1.7e+308",
+    ),
+    (
+        "negative-duration",
+        lambda a: with_result(a, duration=-1),
+        {},
+        "duration must be a number of seconds from 0 to a year, not -1",
+    ),
+    (
+        "far-future",
+        lambda a: with_result(a, start_time="9999-12-31T00:00:00"),
+        {},
+        "start_time '9999-12-31T00:00:00' is not a date from 1970 to a day from now",
+    ),
+    (
+        "before-1970",
+        lambda a: with_result(a, start_time="1969-12-31T23:59:59"),
+        {},
+        "is not a date from 1970 to a day from now",
+    ),
+    (
+        "json-values-flood",
+        values_flood,
+        {"max_artifact_bytes": 10_000_000, "max_archive_bytes": 10_000_000},
+        "JSON documents hold at most",
+    ),
     ("nul", lambda a: with_result(a, test_id="a\x00b"), {}, "NUL character"),
     ("bad-date", lambda a: with_result(a, start_time="yesterday"), {}, "not an ISO 8601 date"),
     ("gnu-sparse", gnu_sparse, {}, "it is a sparse file"),

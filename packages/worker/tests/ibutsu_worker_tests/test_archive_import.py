@@ -17,14 +17,16 @@ from sqlalchemy.orm import Session
 
 from ibutsu_server.db.models import Artifact, Import, Project, Result, Run
 from ibutsu_server.settings import ImportLimits
+from ibutsu_worker.importing import archive as archive_module
 from ibutsu_worker.importing import landing as landing_module
 from ibutsu_worker.importing.archive import archive_records
+from ibutsu_worker.importing.budget import Budget
 from ibutsu_worker.importing.errors import ReportError
 from ibutsu_worker.importing.landing import Landed, Upload
 from ibutsu_worker.importing.records import ArtifactRecord, Record, ResultRecord, RunRecord
 from ibutsu_worker.importing.tar_reader import members
 from ibutsu_worker.submission import Submitter
-from ibutsu_worker_tests.archives import HOSTILE, Build, pack, sample, special
+from ibutsu_worker_tests.archives import HOSTILE, Build, file, pack, sample, special
 from ibutsu_worker_tests.builders import ImportRunner
 from ibutsu_worker_tests.dbsession import migrated_session
 
@@ -74,7 +76,9 @@ def land(
     )
     pieces = (archive[start : start + chunk] for start in range(0, len(archive), chunk))
     try:
-        landed = landing_module.land(session, upload, archive_records(pieces, limits))
+        budget = Budget(limits, len(archive))
+        records = archive_records(pieces, limits, budget.grow)
+        landed = landing_module.land(session, upload, records, budget)
     except ReportError:
         session.rollback()
         raise
@@ -368,3 +372,51 @@ def test_archive_import_as_the_api_sends_it(
     run = session.get(Run, uuid.UUID(archive.run_id))
     assert run is not None and run.project_id == acme
     submitter.db.session.remove()
+
+
+def test_no_row_names_another_run_or_project_where_the_api_reads_them(
+    archive_session: Session,
+) -> None:
+    uploader = project(archive_session, "uploader")
+    archive = sample()
+    elsewhere = str(uuid.uuid4())
+    archive.results[0]["metadata"] |= {"run": elsewhere, "project": "victim"}
+    archive.results[1]["metadata"] |= {"project": "uploader"}
+    land(archive_session, archive.archive(), project_id=uploader.id)
+    rows = {
+        r.test_id: r.data or {}
+        for r in archive_session.scalars(
+            select(Result).where(Result.run_id == uuid.UUID(archive.run_id))
+        )
+    }
+    first = rows[archive.results[0]["test_id"]]
+    assert first["run"] == archive.run_id and first["reported_run"] == elsewhere
+    assert first["reported_project"] == "victim" and "project" not in first
+    # The import's own project, by id or by name, stays where it is.
+    second = rows[archive.results[1]["test_id"]]
+    assert second["project"] == "uploader" and "reported_project" not in second
+
+
+def test_big_artifacts_stream_and_the_spool_is_written_as_it_fills(
+    archive_session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(archive_module, "ARTIFACT_IN_MEMORY", 1000)
+    monkeypatch.setattr(landing_module, "SLICE_BYTES", 4096)
+    monkeypatch.setattr(landing_module, "SPOOL_FLUSH_BYTES", 10_000)
+    archive = sample()
+    big = bytes(range(256)) * 200  # 51,200 bytes: streamed in slices, spool written each time
+    first, last = archive.results[0]["id"], archive.results[-1]["id"]
+    members = archive.members()
+    # A file of the last result before its result.json: the spool waits for that result.
+    early = file(f"{archive.run_id}/{last}/early.bin", big)
+    members.insert(2, early)
+    members.append(file(f"{archive.run_id}/{first}/late.bin", big[::-1]))
+    land(archive_session, pack(members))
+    stored = artifacts(archive_session)
+    assert stored["early.bin"] == (None, uuid.UUID(last), big)
+    assert stored["late.bin"] == (None, uuid.UUID(first), big[::-1])
+    assert len(stored) == 4
+    # Imported again: its artifacts replaced, not doubled.
+    land(archive_session, pack(members))
+    assert len(artifacts(archive_session)) == 4
+    assert counts(archive_session)["artifacts"] == 4

@@ -4,15 +4,18 @@ for the worker killed mid-import, which needs real worker processes."""
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
 
 from ibutsu_server import task_names
 from ibutsu_server.app_factory import FlaskCelery
-from ibutsu_server.db.models import Artifact, Import, ImportFile, Result, Run
+from ibutsu_server.db.models import Artifact, Import, ImportFile, Result, Run, utcnow
+from ibutsu_worker.importing import junit, landing
 from ibutsu_worker.importing.landing import HELD_ROWS
 from ibutsu_worker.submission import Submitter, import_record
 from ibutsu_worker.summaries import update_summary
@@ -129,3 +132,94 @@ def test_bad_input_is_recorded_and_the_worker_goes_on(
     assert outcomes[1].message is not None and "malformed XML" in outcomes[1].message
     # The truncated report's run and first result were written before the error: gone.
     assert (count(submitter, Run), count(submitter, Result)) == (1, 8)
+
+
+def _stored(submitter: Submitter, run_id: str | None) -> list[dict[str, Any]]:
+    with submitter.db.engine.connect() as connection:
+        rows = connection.execute(
+            select(Result.data).where(Result.run_id == uuid.UUID(str(run_id))).order_by(Result.id)
+        )
+        return [row.data for row in rows]
+
+
+def test_a_value_copied_into_every_result_is_refused_over_the_budget(
+    run_import: ImportRunner, submitter: Submitter, tmp_path: Path
+) -> None:
+    report = tmp_path / "copied.xml"
+    # The suite's file is cut at 1 kB, and 1 kB into each of 20,000 empty cases is still far
+    # more than 8 times the report.
+    cases = b"<testcase/>" * 20_000
+    report.write_bytes(
+        b'<testsuite name="s" file="' + b"f" * 4000 + b'">' + cases + b"</testsuite>"
+    )
+    outcome = run_import(report)
+    assert outcome.status == "error"
+    assert outcome.message is not None
+    assert outcome.message.startswith("the report would store more than 8 times its size")
+    assert outcome.message.endswith("(IBUTSU_IMPORT_MAX_FOOTPRINT_RATIO)")
+    assert (count(submitter, Run), count(submitter, Result)) == (0, 0)
+
+
+def test_run_and_project_in_a_reports_metadata_name_no_other_row(
+    run_import: ImportRunner, submitter: Submitter, tmp_path: Path
+) -> None:
+    project = submitter.ensure_project("acme")
+    elsewhere = str(uuid.uuid4())
+    report = tmp_path / "claims.xml"
+    report.write_text(
+        '<testsuites><properties><property name="project" value="victim"/></properties>'
+        '<testsuite name="s"><testcase name="t"><properties>'
+        f'<property name="run" value="{elsewhere}"/><property name="project" value="acme"/>'
+        "</properties></testcase></testsuite></testsuites>"
+    )
+    outcome = run_import(report, project_id=project)
+    assert outcome.status == "done", outcome.message
+    (data,) = _stored(submitter, outcome.run_id)
+    assert data["run"] == outcome.run_id and data["reported_run"] == elsewhere
+    assert data["project"] == "acme"
+    session = submitter.db.session()
+    run = session.get(Run, uuid.UUID(str(outcome.run_id)))
+    assert run is not None and run.data == {"reported_project": "victim"}
+    submitter.db.session.remove()
+
+
+def test_times_out_of_range_are_not_stored_and_the_import_says_so(
+    run_import: ImportRunner, submitter: Submitter, tmp_path: Path
+) -> None:
+    report = tmp_path / "times.xml"
+    report.write_text(
+        '<testsuite name="s" timestamp="9999-12-31T00:00:00">'
+        '<testcase name="a" time="1.7e308"/><testcase name="b" time="1.7e308"/>'
+        '<testcase name="c" time="2"/></testsuite>'
+    )
+    outcome = run_import(report)
+    assert outcome.status == "done"
+    assert outcome.message is not None
+    assert "2 time= value(s) not a number of seconds from 0 to a year" in outcome.message
+    assert "1 timestamp= value(s) not dates from 1970 to a day from now" in outcome.message
+    session = submitter.db.session()
+    run = session.get(Run, uuid.UUID(str(outcome.run_id)))
+    assert run is not None and run.duration == 2.0
+    assert run.start_time < utcnow() + timedelta(days=1)
+    durations = session.scalars(select(Result.duration).order_by(Result.test_id)).all()
+    assert durations == [None, None, 2.0]
+    submitter.db.session.remove()
+
+
+def test_a_text_too_big_for_memory_is_streamed_to_the_database_whole(
+    run_import: ImportRunner, submitter: Submitter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(junit, "TEXT_IN_MEMORY", 1000)
+    monkeypatch.setattr(landing, "SLICE_BYTES", 4096)
+    text = "".join(f"line {n}: é✓\t\\\n" for n in range(5000))
+    report = tmp_path / "big-text.xml"
+    report.write_text(
+        '<testsuite name="s"><testcase name="t"><failure message="m">'
+        + text.replace("&", "&amp;").replace("<", "&lt;")
+        + "</failure></testcase></testsuite>"
+    )
+    outcome = run_import(report)
+    assert outcome.status == "done", outcome.message
+    with submitter.db.engine.connect() as connection:
+        stored = connection.scalar(select(Artifact.content))
+    assert stored == text.strip().encode()

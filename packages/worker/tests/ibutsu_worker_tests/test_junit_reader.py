@@ -9,9 +9,18 @@ from pathlib import Path
 import pytest
 
 from ibutsu_server.settings import ImportLimits
+from ibutsu_worker.importing import junit
 from ibutsu_worker.importing.errors import ReportError
-from ibutsu_worker.importing.junit import MAX_DEPTH, MAX_PROPERTIES, JUnitReader, junit_test_id
-from ibutsu_worker.importing.records import Record, ResultRecord, RunRecord
+from ibutsu_worker.importing.junit import (
+    COPIED_PROPERTIES_BYTES,
+    MAX_ATTRIBUTES,
+    MAX_DEPTH,
+    MAX_PATH,
+    MAX_PROPERTIES,
+    JUnitReader,
+    junit_test_id,
+)
+from ibutsu_worker.importing.records import FileContent, Record, ResultRecord, RunRecord, RunUpdate
 from ibutsu_worker.importing.values import parse_duration, parse_timestamp
 from ibutsu_worker_tests.corpus import REFUSED, corpus_files, expected_count
 
@@ -203,6 +212,7 @@ def test_long_text_is_cut_and_marked() -> None:
     )
     (result,) = results(report, chunk=4096)
     (artifact,) = result.artifacts
+    assert isinstance(artifact.content, bytes)
     assert artifact.content.endswith(b"[truncated]")
     assert len(artifact.content) <= MAX_TEXT + len("\n[truncated]")
 
@@ -242,3 +252,84 @@ def test_reader_yields_before_the_end_of_the_document() -> None:
     stream = reader.records(chunks())
     assert isinstance(next(stream), RunRecord)
     assert [next(stream).result for _ in range(3)] == ["passed"] * 3  # type: ignore[union-attr]
+
+
+def test_a_text_too_big_for_memory_waits_in_a_file_stripped_as_in_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(junit, "TEXT_IN_MEMORY", 64)
+    body = "  \n é" + "x" * 300 + " \u3000\n "  # leading and trailing whitespace, wide ones
+    report = (
+        '<testsuite name="s"><testcase name="t"><system-out>'
+        + body
+        + "</system-out></testcase></testsuite>"
+    ).encode()
+    (result,) = results(report, chunk=50)
+    (artifact,) = result.artifacts
+    assert isinstance(artifact.content, FileContent)
+    assert artifact.content.file.read() == body.strip().encode()
+    assert artifact.size == len(body.strip().encode())
+
+
+def test_a_suite_file_is_cut_before_it_is_copied_into_every_case() -> None:
+    report = (
+        b'<testsuite name="s" file="' + b"f" * 5000 + b'">' + b'<testcase name="t"/>' * 3
+    ) + b"</testsuite>"
+    for result in results(report, chunk=4096):
+        assert len(result.metadata["fspath"]) == MAX_PATH + len(" [cut]")
+
+
+def test_small_suite_properties_are_copied_big_ones_stored_once_on_the_run() -> None:
+    small = b'<property name="arch" value="x86_64"/>'
+    big = b"".join(
+        b'<property name="java.p%d" value="%s"/>' % (n, b"v" * 100)
+        for n in range(COPIED_PROPERTIES_BYTES // 100 + 1)
+    )
+    report = (
+        b'<testsuites><testsuite name="a"><properties>' + small + b"</properties>"
+        b'<testcase name="t1"/></testsuite>'
+        b'<testsuite name="b"><properties>' + big + b"</properties>"
+        b'<testcase name="t2"/></testsuite></testsuites>'
+    )
+    records = read(report, chunk=4096)
+    run, first, second, update = records
+    assert isinstance(run, RunRecord) and isinstance(update, RunUpdate)
+    assert isinstance(first, ResultRecord) and isinstance(second, ResultRecord)
+    assert first.metadata["arch"] == "x86_64"
+    assert not any(key.startswith("java.") for key in second.metadata)
+    assert update.metadata == {f"java.p{n}": "v" * 100 for n in range(len(update.metadata))}
+    assert len(update.metadata) == COPIED_PROPERTIES_BYTES // 100 + 1
+
+
+def test_property_names_are_cut() -> None:
+    report = (
+        b'<testsuite name="s"><testcase name="t"><properties><property name="'
+        + b"n" * 2000
+        + b'" value="v"/></properties></testcase></testsuite>'
+    )
+    (result,) = results(report, chunk=4096)
+    assert [len(key) for key in result.metadata if key.startswith("n")] == [255 + len(" [cut]")]
+
+
+@pytest.mark.parametrize(
+    ("attributes", "warning"),
+    [
+        ('time="1.7e308"', "1 time= value(s) not a number of seconds from 0 to a year"),
+        ('time="-3"', "(the first: '-3'): stored without one"),
+        ('timestamp="9999-12-31T00:00:00"', "not dates from 1970 to a day from now"),
+        ('timestamp="1969-12-31T23:00:00"', "the enclosing or upload time is used"),
+    ],
+)
+def test_times_out_of_range_are_left_out_with_a_warning(attributes: str, warning: str) -> None:
+    report = f'<testsuite name="s"><testcase name="t" {attributes}/></testsuite>'.encode()
+    run, result, update = read(report, chunk=4096)
+    assert isinstance(result, ResultRecord) and isinstance(update, RunUpdate)
+    assert result.duration is None and result.start_time is None
+    assert len(update.warnings) == 1 and warning in update.warnings[0]
+
+
+def test_a_tag_with_too_many_attributes_is_refused_before_expat_builds_them() -> None:
+    attributes = b" ".join(b'a%d=""' % n for n in range(2 * MAX_ATTRIBUTES))
+    report = b'<testsuite name="s"><testcase ' + attributes + b"/></testsuite>"
+    with pytest.raises(ReportError, match=f"more than {MAX_ATTRIBUTES} '='"):
+        read(report, chunk=1024 * 1024)

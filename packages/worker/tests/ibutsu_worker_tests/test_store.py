@@ -10,6 +10,8 @@ import pytest
 from sqlalchemy import select
 
 from ibutsu_server.db.models import Artifact, Result, Run
+from ibutsu_server.settings import ImportLimits
+from ibutsu_worker.importing.budget import Budget
 from ibutsu_worker.importing.landing import MAX_TEST_ID_BYTES, Upload, land, stored_test_id
 from ibutsu_worker.importing.records import ArtifactRecord, Record, ResultRecord, RunRecord
 from ibutsu_worker_tests.dbsession import migrated_session
@@ -36,7 +38,7 @@ def test_awkward_text_and_bytes_survive_the_write(dialect: str, tmp_path: Path) 
     ]
     records: list[Record] = [RunRecord(start_time=start), *results]
     with migrated_session(dialect, tmp_path) as session:
-        landed = land(session, upload, records)
+        landed = land(session, upload, records, Budget(ImportLimits(), upload_bytes=10_000))
         session.commit()
         assert landed.results == 3
         rows = session.scalars(select(Result).order_by(Result.test_id)).all()

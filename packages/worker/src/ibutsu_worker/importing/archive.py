@@ -14,20 +14,38 @@ import contextlib
 import json
 import math
 import mimetypes
+import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
 
-from ibutsu_server.db.models import ResultOutcome
+from ibutsu_server.db.models import ResultOutcome, utcnow
 from ibutsu_server.settings import ImportLimits
 from ibutsu_worker.importing.errors import ReportError, quoted
-from ibutsu_worker.importing.records import ArtifactRecord, Record, ResultRecord, RunRecord
+from ibutsu_worker.importing.records import (
+    ArtifactRecord,
+    FileContent,
+    Record,
+    ResultRecord,
+    RunRecord,
+)
 from ibutsu_worker.importing.tar_reader import Member, members
-from ibutsu_worker.importing.values import parse_timestamp
+from ibutsu_worker.importing.values import (
+    DURATION_RANGE,
+    TIMESTAMP_RANGE,
+    parse_timestamp,
+    sane_duration,
+    sane_timestamp,
+)
 
 # run.json and result.json are small documents; anything bigger is refused before parsing.
 MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
+# Parsed, each JSON value costs 50 to 100 bytes of memory whatever its size ('{}' is 2): a
+# document may hold this many (objects, arrays and their items), counted before parsing.
+MAX_DOCUMENT_VALUES = 100_000
+# Artifacts up to this size are read into memory; bigger ones are streamed to the spool.
+ARTIFACT_IN_MEMORY = 1024 * 1024
 # artifacts.filename is indexed: a name must fit a B-tree entry.
 MAX_FILENAME = 255
 LAYOUT = (
@@ -37,11 +55,15 @@ LAYOUT = (
 _OUTCOMES = frozenset(outcome.value for outcome in ResultOutcome)
 
 
-def archive_records(chunks: Iterator[bytes], limits: ImportLimits) -> Iterator[Record]:
+def archive_records(
+    chunks: Iterator[bytes],
+    limits: ImportLimits,
+    unpacked: Callable[[int], None] | None = None,
+) -> Iterator[Record]:
     """The records of a pytest-ibutsu archive, in archive order; ReportError for anything that
-    is not a safe, well-formed archive."""
+    is not a safe, well-formed archive. ``unpacked`` is told the bytes unpacked so far."""
     layout = _Layout(limits)
-    for member in members(chunks, limits):
+    for member in members(chunks, limits, unpacked):
         record = layout.record(member)
         if record is not None:
             yield record
@@ -57,6 +79,7 @@ class _Layout:
         self.has_run = False
         self.results: set[uuid.UUID] = set()
         self.owners: dict[uuid.UUID, str] = {}  # result folders holding artifacts -> a member
+        self.now = utcnow()
 
     def record(self, member: Member) -> Record | None:
         """The member's record; None for folders."""
@@ -73,9 +96,9 @@ class _Layout:
             if self.has_run:
                 raise ReportError(f"{quoted(member.name)}: the archive holds run.json twice")
             self.has_run = True
-            return _run(run_id, member.name, _document(member))
+            return _run(run_id, member.name, _document(member), self.now)
         if len(member.parts) == 2:
-            return _artifact(member, member.parts[1], None)
+            return _artifact(member, member.parts[1], None, False)
         result_id = _uuid(member.parts[1])
         if result_id is None:
             raise ReportError(
@@ -85,11 +108,11 @@ class _Layout:
         filename = "/".join(member.parts[2:])
         if filename != "result.json":
             self.owners.setdefault(result_id, member.name)
-            return _artifact(member, filename, result_id)
+            return _artifact(member, filename, result_id, result_id not in self.results)
         self.results.add(result_id)
         if len(self.results) > self.limits.max_results:
             raise ReportError(self.limits.refusal("max_results"))
-        return _result(run_id, result_id, member.name, _document(member))
+        return _result(run_id, result_id, member.name, _document(member), self.now)
 
     def _run_folder(self, member: Member) -> uuid.UUID:
         folder = _uuid(member.parts[0])
@@ -126,7 +149,9 @@ def _uuid(value: str) -> uuid.UUID | None:
         return None
 
 
-def _artifact(member: Member, filename: str, result_id: uuid.UUID | None) -> ArtifactRecord:
+def _artifact(
+    member: Member, filename: str, result_id: uuid.UUID | None, before_result: bool
+) -> ArtifactRecord:
     if len(filename) > MAX_FILENAME:
         raise ReportError(
             f"refused {quoted(member.name)}: file names are at most {MAX_FILENAME} characters"
@@ -137,7 +162,12 @@ def _artifact(member: Member, filename: str, result_id: uuid.UUID | None) -> Art
         raise ReportError(f"refused {quoted(member.name)}: the name is not valid UTF-8") from None
     assert member.stream is not None  # a file: folders were skipped
     content_type = mimetypes.guess_type(filename)[0] or "text/plain"
-    return ArtifactRecord(filename, member.stream.read(), result_id, content_type)
+    content: bytes | FileContent = (
+        member.stream.read()
+        if member.size <= ARTIFACT_IN_MEMORY
+        else FileContent(member.stream, member.size)
+    )
+    return ArtifactRecord(filename, content, result_id, content_type, before_result)
 
 
 def _document(member: Member) -> dict[str, Any]:
@@ -152,6 +182,11 @@ def _document(member: Member) -> dict[str, Any]:
     assert member.stream is not None
     try:
         text = member.stream.read().decode("utf-8-sig")
+        if (values := _values(text)) > MAX_DOCUMENT_VALUES:
+            raise ReportError(
+                f"{where} holds about {values} JSON values; an Ibutsu archive's JSON documents "
+                f"hold at most {MAX_DOCUMENT_VALUES}"
+            )
         doc = json.loads(text, parse_float=_finite, parse_constant=_finite)
     except RecursionError:
         raise ReportError(f"{where}: the JSON is nested too deeply") from None
@@ -164,6 +199,19 @@ def _document(member: Member) -> dict[str, Any]:
     if ("\\u0000" in lowered or "\\ud" in lowered) and (problem := _unstorable(doc)):
         raise ReportError(f"{where}: contains {problem}, which cannot be stored")
     return doc
+
+
+# A JSON string, or the rest of the text from an unterminated one (so the scan stays linear).
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*(?:"|$)', re.DOTALL)
+
+
+def _values(text: str) -> int:
+    """About how many values a JSON text holds: its objects, arrays and separators, outside
+    strings (a string's content is never counted)."""
+    if text.count(",") + text.count("{") + text.count("[") <= MAX_DOCUMENT_VALUES:
+        return 0  # few enough even counting inside strings: no need to look closer
+    bare = _JSON_STRING.sub('""', text)
+    return bare.count(",") + bare.count("{") + bare.count("[")
 
 
 def _finite(text: str) -> float:
@@ -219,13 +267,15 @@ def _text(doc: dict[str, Any], key: str, where: str) -> str | None:
     return value
 
 
-def _timestamp(doc: dict[str, Any], key: str, where: str) -> datetime | None:
+def _timestamp(doc: dict[str, Any], key: str, where: str, now: datetime) -> datetime | None:
     value = doc.get(key)
     if value is None or value == "":
         return None
     parsed = parse_timestamp(value) if isinstance(value, str) else None
     if parsed is None:
         raise ReportError(f"{where}: {key} {quoted(value)} is not an ISO 8601 date")
+    if not sane_timestamp(parsed, now):
+        raise ReportError(f"{where}: {key} {quoted(value)} is not a date {TIMESTAMP_RANGE}")
     return parsed
 
 
@@ -236,12 +286,12 @@ def _seconds(doc: dict[str, Any], key: str, where: str) -> float | None:
     if isinstance(value, int | float) and not isinstance(value, bool):
         with contextlib.suppress(OverflowError):
             seconds = float(value)
-            if math.isfinite(seconds) and seconds >= 0:
+            if sane_duration(seconds):
                 return seconds
-    raise ReportError(f"{where}: {key} must be a number of seconds, not {quoted(value)}")
+    raise ReportError(f"{where}: {key} must be {DURATION_RANGE}, not {quoted(value)}")
 
 
-def _run(run_id: uuid.UUID, name: str, doc: dict[str, Any]) -> RunRecord:
+def _run(run_id: uuid.UUID, name: str, doc: dict[str, Any], now: datetime) -> RunRecord:
     where = quoted(name)
     _check_id(doc, "id", run_id, where)
     metadata = _mapping(doc, "metadata", where)
@@ -255,7 +305,7 @@ def _run(run_id: uuid.UUID, name: str, doc: dict[str, Any]) -> RunRecord:
     project = doc.get("project_id") or metadata.get("project")
     return RunRecord(
         id=run_id,
-        start_time=_timestamp(doc, "start_time", where),
+        start_time=_timestamp(doc, "start_time", where, now),
         duration=_seconds(doc, "duration", where),
         component=_text(metadata, "component", where) or _text(doc, "component", where),
         env=_text(metadata, "env", where) or _text(doc, "env", where),
@@ -267,7 +317,7 @@ def _run(run_id: uuid.UUID, name: str, doc: dict[str, Any]) -> RunRecord:
 
 
 def _result(
-    run_id: uuid.UUID, result_id: uuid.UUID, name: str, doc: dict[str, Any]
+    run_id: uuid.UUID, result_id: uuid.UUID, name: str, doc: dict[str, Any], now: datetime
 ) -> ResultRecord:
     where = quoted(name)
     _check_id(doc, "id", result_id, where)
@@ -289,7 +339,7 @@ def _result(
         id=result_id,
         test_id=test_id,
         result=outcome,
-        start_time=_timestamp(doc, "start_time", where),
+        start_time=_timestamp(doc, "start_time", where, now),
         duration=_seconds(doc, "duration", where),
         params=_mapping(doc, "params", where),
         metadata=metadata,

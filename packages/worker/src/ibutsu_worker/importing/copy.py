@@ -69,6 +69,17 @@ def copy_line(values: Iterable[Any]) -> str:
     return "\t".join([_copy_field(value) for value in values]) + "\n"
 
 
+def copy_line_streaming(values: Sequence[Any], at: int, content: Iterable[bytes]) -> Iterator[str]:
+    """One row in COPY's text format, in pieces: ``values`` but the bytea field at ``at``,
+    which is ``content``'s slices, each sent as hex as it comes, so a large value is never
+    whole in memory."""
+    head = [_copy_field(value) for value in values[:at]]
+    yield "\t".join([*head, "\\\\x"])
+    for piece in content:
+        yield piece.hex()
+    yield "".join("\t" + _copy_field(value) for value in values[at + 1 :]) + "\n"
+
+
 class _LineReader(io.TextIOBase):
     """A file that psycopg2's COPY reads, filled from an iterator of lines on demand."""
 

@@ -4,8 +4,10 @@ Where upstream's API and frontend read it: ``imports.status`` (``pending``, ``ru
 ``done``, ``error``) and ``imports.data``, which the API shows as the import's ``metadata``.
 Besides what the API put there (``project_id``, ``source``, the uploader's ``metadata``), the
 workers record ``run_id`` (a list, as upstream), ``error`` (why it failed), ``started`` and
-``finished`` (ISO 8601, UTC), ``result_count``, and ``deliveries`` (how many times in a row the
-same message was started: a worker that dies mid-import gets the same message again);
+``finished`` (ISO 8601, UTC), ``result_count``, ``stored_bytes`` (what the import wrote, as its
+budget counted it), ``warnings`` (values of the report it could not use), and ``deliveries``
+(how many times in a row the same message was started: a worker that dies mid-import gets the
+same message again);
 ``format`` (``junit``, ``archive``) goes in its own column. No table or column of our own is needed.
 
 An import lands whole or not at all: the import's row is locked for the whole import, the run
@@ -17,6 +19,7 @@ waits for the row and then does.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
@@ -31,6 +34,7 @@ from ibutsu_server.db.models import Import, ImportFile, ImportStatus, Project, u
 from ibutsu_server.ibutsu_task import IbutsuTask
 from ibutsu_server.settings import ImportLimits
 from ibutsu_worker.importing.archive import archive_records
+from ibutsu_worker.importing.budget import Budget
 from ibutsu_worker.importing.errors import ReportError, quoted
 from ibutsu_worker.importing.junit import NOT_A_REPORT, JUnitReader
 from ibutsu_worker.importing.landing import Landed, Upload, land
@@ -42,14 +46,19 @@ CHUNK_SIZE = 1024 * 1024
 GZIP_MAGIC = b"\x1f\x8b"
 _UTF8_BOM = b"\xef\xbb\xbf"
 
-Reader = Callable[[Iterator[bytes], ImportLimits], Iterable[Record]]
+Reader = Callable[[Iterator[bytes], ImportLimits, Budget], Iterable[Record]]
 
 
-def _junit(chunks: Iterator[bytes], limits: ImportLimits) -> Iterable[Record]:
+def _junit(chunks: Iterator[bytes], limits: ImportLimits, budget: Budget) -> Iterable[Record]:
     return JUnitReader(limits).records(chunks)
 
 
-READERS: dict[str, Reader] = {"junit": _junit, "archive": archive_records}
+def _archive(chunks: Iterator[bytes], limits: ImportLimits, budget: Budget) -> Iterable[Record]:
+    # An archive's size is what it unpacks to: its budget grows as it is unpacked.
+    return archive_records(chunks, limits, budget.grow)
+
+
+READERS: dict[str, Reader] = {"junit": _junit, "archive": _archive}
 
 
 def detect_format(head: bytes) -> str:
@@ -124,9 +133,10 @@ def run(task: IbutsuTask, import_id: uuid.UUID, limits: ImportLimits) -> Outcome
         chunks = content_chunks(session.get_bind().engine, stored.id, stored.length, stored.head)
         head = next(chunks, b"")
         fmt = detect_format(head)
-        landed = land(
-            session, _upload(session, record), READERS[fmt](_prepend(head, chunks), limits)
-        )
+        upload = _upload(session, record)
+        budget = Budget(limits, stored.length + len(json.dumps(upload.metadata)))
+        records = READERS[fmt](_prepend(head, chunks), limits, budget)
+        landed = land(session, upload, records, budget)
     except ReportError as exc:
         task.abandon("the report cannot be imported")
         mark_error(session, import_id, str(exc), fmt)
@@ -255,8 +265,11 @@ def _mark_done(
         **data,
         "run_id": [str(landed.run_id)],
         "result_count": landed.results,
+        "stored_bytes": landed.stored_bytes,
         "finished": utcnow().isoformat(),
     }
+    if landed.warnings:
+        record.data["warnings"] = list(landed.warnings)
     # The report has served its purpose; keep the row, drop the bytes.
     session.execute(update(ImportFile).where(ImportFile.id == file_id).values(content=None))
 

@@ -4,9 +4,17 @@ artifacts, then the run's start time and summary. Both formats land here.
 A report with fresh ids (JUnit) streams its results through one ``COPY`` on PostgreSQL, so the
 server stores rows while the reader reads on; artifacts are spooled and copied after them. A
 report that keeps its ids (an archive) is upserted in batches, so importing it again updates
-rows instead of duplicating them, and its run's artifacts are replaced. Either way everything
-belongs to the import's project: a report that names another project, or ids that belong to
-another project's run, is refused, and the caller's rollback leaves nothing behind.
+rows instead of duplicating them, and its run's artifacts are replaced; its spooled artifacts
+are written whenever they pass SPOOL_FLUSH_BYTES, so the spool stays small. Artifact contents
+are streamed from the reader to the spool to the COPY in slices, never whole in memory. Every
+row is charged to the upload's budget (``importing.budget``) as it is written.
+
+Either way everything belongs to the import's project: a report that names another project,
+or ids that belong to another project's run, is refused, and the caller's rollback leaves
+nothing behind. In metadata, ``run`` and ``project`` are what the API and frontend read as a
+result's run and a row's project (the run link, the project filter): ``run`` is always the
+row's own run, and a ``project`` that is not the import's is kept as ``reported_project``
+(likewise a report's own ``run`` as ``reported_run``), so no row reads as another's.
 """
 
 from __future__ import annotations
@@ -27,15 +35,23 @@ from sqlalchemy.orm import Session
 from ibutsu_server.db.models import Artifact, Project, Result, Run, utcnow
 from ibutsu_server.db.schema import artifacts as artifacts_table
 from ibutsu_server.db.schema import results as results_table
-from ibutsu_worker.importing.copy import copy_line, copy_rows, dialect_insert
+from ibutsu_worker.importing.budget import Budget
+from ibutsu_worker.importing.copy import copy_line, copy_line_streaming, copy_rows, dialect_insert
 from ibutsu_worker.importing.errors import ReportError, quoted
-from ibutsu_worker.importing.records import ArtifactRecord, Record, ResultRecord, RunRecord
+from ibutsu_worker.importing.records import (
+    ArtifactRecord,
+    FileContent,
+    Record,
+    ResultRecord,
+    RunRecord,
+    RunUpdate,
+)
 from ibutsu_worker.summaries import COLUMNS_TO_COPY, FirstResult, Tally, summarise, update_summary
 
 BATCH_SIZE = 5000
-# Results waiting to be written are flushed once this much JSON is buffered, so large
-# documents cannot pile up in memory.
-BATCH_BYTES = 16 * 1024 * 1024
+# Results waiting to be written are flushed once this much text is buffered, so large
+# documents cannot pile up in memory (parsed, a document takes several times its size).
+BATCH_BYTES = 4 * 1024 * 1024
 ARTIFACT_BATCH_BYTES = 8 * 1024 * 1024
 ARTIFACT_BATCH_ROWS = 500
 # A new run's first result rows are held back, up to this many: a report that ends within them
@@ -45,6 +61,12 @@ HELD_ROWS = 2000
 HELD_BYTES = 2 * 1024 * 1024
 # Each spool keeps this much in memory, the rest in a temporary file.
 SPOOL_MEMORY = 2 * 1024 * 1024
+# An archive's spooled artifacts are written once they add up to this much.
+SPOOL_FLUSH_BYTES = 32 * 1024 * 1024
+# Artifact contents are copied and sent in slices of this many bytes.
+SLICE_BYTES = 1024 * 1024
+# An artifact row's ids, metadata and date, besides its name and content.
+ARTIFACT_ROW_BYTES = 200
 # results.source, env and component are indexed, alone and together: names are cut to fit.
 MAX_NAME = 255
 # results.test_id is indexed; a B-tree entry holds about 2.7 kB. Longer ids are stored as a
@@ -68,11 +90,14 @@ class Upload:
 
 @dataclass(frozen=True)
 class Landed:
-    """The run an import wrote (in the caller's transaction), its results and summary."""
+    """The run an import wrote (in the caller's transaction), its results and summary, what
+    it stored in bytes, and the reader's warnings about values it could not use."""
 
     run_id: uuid.UUID
     results: int
     summary: dict[str, int]
+    stored_bytes: int = 0
+    warnings: tuple[str, ...] = ()
 
 
 def stored_test_id(test_id: str) -> str:
@@ -92,14 +117,15 @@ def _name(value: str | None) -> str | None:
     return value[: MAX_NAME - 1] + "…"
 
 
-def land(session: Session, upload: Upload, records: Iterable[Record]) -> Landed:
+def land(session: Session, upload: Upload, records: Iterable[Record], budget: Budget) -> Landed:
     """Write ``records`` (one RunRecord, results and artifacts, as a reader yields them) and
-    the run's summary. Raises ReportError for what cannot be stored; the caller rolls back."""
+    the run's summary, charging each row to ``budget``. Raises ReportError for what cannot be
+    stored or is over budget; the caller rolls back."""
     with (
         tempfile.SpooledTemporaryFile(SPOOL_MEMORY) as early,
         tempfile.SpooledTemporaryFile(SPOOL_MEMORY) as artifacts,
     ):
-        landing = _Landing(session, upload, early, artifacts)
+        landing = _Landing(session, upload, budget, early, artifacts)
         landing.write(iter(records))
         return landing.finish()
 
@@ -107,6 +133,7 @@ def land(session: Session, upload: Upload, records: Iterable[Record]) -> Landed:
 @dataclass
 class _Run:
     id: uuid.UUID
+    id_text: str
     keeps_ids: bool
     start_time: datetime
     env: str | None
@@ -118,11 +145,24 @@ class _Run:
 class _Landing:
     """The state of one import while its records stream past."""
 
-    def __init__(self, session: Session, upload: Upload, early: IO[bytes], artifacts: IO[bytes]):
+    def __init__(
+        self,
+        session: Session,
+        upload: Upload,
+        budget: Budget,
+        early: IO[bytes],
+        artifacts: IO[bytes],
+    ) -> None:
         self.session = session
         self.upload = upload
+        self.budget = budget
         self.early = early  # results that came before their run (archives), as JSON lines
         self.artifacts = artifacts  # artifacts, written once every result exists
+        # Results whose artifacts are spooled but which the archive has not reached yet.
+        self.awaited: set[uuid.UUID] = set()
+        self.artifacts_replaced = False  # a re-import's old artifacts deleted
+        self.project_names: frozenset[str] | None = None
+        self.warnings: list[str] = []
         self.postgres = session.get_bind().dialect.name == "postgresql"
         self.run: _Run | None = None
         # A run this import creates is seen by nobody else before the import commits, so its
@@ -143,8 +183,13 @@ class _Landing:
         self._check_project(record.project)
         upload = self.upload
         metadata = {**record.metadata, **upload.metadata}
+        if "project" in metadata or "run" in metadata:
+            self._own(metadata, None)
+        self.budget.charge(len(_JSON.encode(metadata)))
+        run_id = record.id or uuid.uuid4()
         self.run = _Run(
-            id=record.id or uuid.uuid4(),
+            id=run_id,
+            id_text=str(run_id),
             keeps_ids=record.id is not None,
             start_time=record.start_time or upload.created,
             env=_name(_text(metadata.get("env")) or record.env),
@@ -190,6 +235,27 @@ class _Landing:
             f"{target}; upload it to that project instead"
         )
 
+    def _own(self, metadata: dict[str, Any], run_id: str | None) -> None:
+        """Make ``metadata`` name no other run or project where the API reads them: a
+        ``project`` that is not the import's becomes ``reported_project``; a result's ``run``
+        is its own run, another one kept as ``reported_run``."""
+        project = metadata.get("project")
+        if project is not None and str(project) not in self._project_names():
+            metadata["reported_project"] = metadata.pop("project")
+        reported = metadata.get("run")
+        if run_id is not None and reported is not None and reported != run_id:
+            metadata["reported_run"] = reported
+
+    def _project_names(self) -> frozenset[str]:
+        """The import's project as metadata may name it: its id or its name."""
+        if self.project_names is None:
+            project_id = self.upload.project_id
+            name = project_id and self.session.scalar(
+                select(Project.name).where(Project.id == project_id)
+            )
+            self.project_names = frozenset(str(v) for v in (project_id, name) if v)
+        return self.project_names
+
     # --- records as they come ----------------------------------------------------------------
 
     def push(self, record: Record) -> None:
@@ -201,8 +267,22 @@ class _Landing:
                 self._spool_early(record)
             else:
                 self._add_result(record)
-        else:
+        elif isinstance(record, ArtifactRecord):
             self._spool_artifact(record)
+        else:
+            self._update_run(record)
+
+    def _update_run(self, update: RunUpdate) -> None:
+        """More of the run's metadata (keys it has keep their value), and warnings."""
+        self.warnings += update.warnings
+        run = self.new_run
+        if run is None or not update.metadata:
+            return
+        stored = run.data or {}
+        added = {key: value for key, value in update.metadata.items() if key not in stored}
+        self._own(added, None)
+        self.budget.charge(len(_JSON.encode(added)), rows=0)
+        run.data = {**added, **stored}
 
     def write(self, stream: Iterator[Record]) -> None:
         """Write every record. On PostgreSQL, when the first record is a run with fresh ids
@@ -224,13 +304,18 @@ class _Landing:
             self.push(record)
 
     def _copy_lines(self, stream: Iterator[Record]) -> Iterator[str]:
+        charge = self.budget.charge
         for record in stream:
             if isinstance(record, ResultRecord):
                 row = self._result_row(record)
                 self.written += 1
-                yield copy_line(row[column] for column in RESULT_COLUMNS)
+                line = copy_line(row[column] for column in RESULT_COLUMNS)
+                charge(len(line))
+                yield line
             elif isinstance(record, ArtifactRecord):
                 self._spool_artifact(record)
+            elif isinstance(record, RunUpdate):
+                self._update_run(record)
             else:
                 raise ReportError("the report describes more than one run")
 
@@ -242,13 +327,17 @@ class _Landing:
         for artifact in record.artifacts:
             artifact.result_id = record.id
             self._spool_artifact(artifact)
+        data = {**record.metadata, **self.upload.metadata}
+        if "project" in data or "run" in data:
+            self._own(data, run.id_text)
+        data["run"] = run.id_text
         row: dict[str, Any] = {
             "id": record.id,
             "project_id": self.upload.project_id,
             "run_id": run.id,
             "test_id": stored_test_id(record.test_id),
             "result": record.result,
-            "data": {"run": str(run.id), **record.metadata, **self.upload.metadata},
+            "data": data,
             "params": record.params,
             "duration": record.duration,
             "start_time": record.start_time or run.start_time,
@@ -262,9 +351,12 @@ class _Landing:
         return row
 
     def _add_result(self, record: ResultRecord) -> None:
+        self.awaited.discard(record.id)
         row = self._result_row(record)
+        size = len(copy_line(row[column] for column in RESULT_COLUMNS))
+        self.budget.charge(size)
         self.buffer.append(row)
-        self.buffered_bytes += len(json.dumps(row["data"], default=str))
+        self.buffered_bytes += size
         if len(self.buffer) >= BATCH_SIZE or self.buffered_bytes >= BATCH_BYTES:
             self._flush()
 
@@ -313,16 +405,42 @@ class _Landing:
     # --- artifacts ---------------------------------------------------------------------------
 
     def _spool_artifact(self, record: ArtifactRecord) -> None:
+        """Charge the artifact and write it to the spool, its content in slices; an archive's
+        spool is written out once it is big and every result it needs is there."""
+        # The content is charged as it is read: an archive's budget grows as it is unpacked.
+        charge = self.budget.charge
+        charge(len(record.filename) + ARTIFACT_ROW_BYTES)
         header = {
             "result_id": str(record.result_id) if record.result_id else None,
             "filename": record.filename,
             "content_type": record.content_type,
-            "size": len(record.content),
+            "size": record.size,
         }
         self.artifacts.write(json.dumps(header).encode() + b"\n")
-        self.artifacts.write(record.content)
+        content = record.content
+        if isinstance(content, bytes):
+            charge(len(content), rows=0)
+            self.artifacts.write(content)
+        else:
+            with content.file:
+                for piece in _slices(content):
+                    charge(len(piece), rows=0)
+                    self.artifacts.write(piece)
+        if record.before_result and record.result_id is not None:
+            self.awaited.add(record.result_id)
+        run = self.run
+        if (
+            run is not None
+            and run.keeps_ids
+            and not self.awaited
+            and self.artifacts.tell() >= SPOOL_FLUSH_BYTES
+        ):
+            self._flush()
+            self._write_artifacts()
 
-    def _spooled_artifacts(self) -> Iterator[dict[str, Any]]:
+    def _spooled_artifacts(self) -> Iterator[tuple[dict[str, Any], FileContent]]:
+        """Each spooled artifact's row but its content, and its content: the spool itself,
+        to be read before the next one."""
         run = self.run
         assert run is not None
         uploaded = utcnow()
@@ -330,22 +448,26 @@ class _Landing:
         while line := self.artifacts.readline():
             header = json.loads(line)
             result_id = uuid.UUID(header["result_id"]) if header["result_id"] else None
-            owner = {"resultId": str(result_id)} if result_id else {"runId": str(run.id)}
-            yield {
+            owner = {"resultId": str(result_id)} if result_id else {"runId": run.id_text}
+            row = {
                 "id": uuid.uuid4(),
-                "content": self.artifacts.read(header["size"]),
+                "content": None,
                 "result_id": result_id,
                 "run_id": None if result_id else run.id,
                 "filename": header["filename"],
                 "data": {"contentType": header["content_type"], **owner},
                 "upload_date": uploaded,
             }
+            yield row, FileContent(self.artifacts, header["size"])
 
     def _write_artifacts(self) -> None:
+        """Write the spooled artifacts (a re-import first drops the run's old ones), and
+        empty the spool."""
         run = self.run
         assert run is not None
-        if run.keeps_ids:
+        if run.keeps_ids and not self.artifacts_replaced:
             # A re-import replaces the run's artifacts instead of adding a second copy.
+            self.artifacts_replaced = True
             self.session.execute(
                 delete(Artifact)
                 .where(
@@ -360,18 +482,31 @@ class _Landing:
             return  # none spooled
         rows = self._spooled_artifacts()
         if self.postgres:
+            at = ARTIFACT_COLUMNS.index("content")
             copy_rows(
                 self.session,
                 "artifacts",
                 ARTIFACT_COLUMNS,
-                (copy_line(row[column] for column in ARTIFACT_COLUMNS) for row in rows),
+                (
+                    piece
+                    for row, content in rows
+                    for piece in copy_line_streaming(
+                        [row[column] for column in ARTIFACT_COLUMNS], at, _slices(content)
+                    )
+                ),
             )
-            return
+        else:
+            self._insert_artifacts(rows)
+        self.artifacts.seek(0)
+        self.artifacts.truncate()
+
+    def _insert_artifacts(self, rows: Iterator[tuple[dict[str, Any], FileContent]]) -> None:
+        """Bulk INSERTs of the spooled artifacts, for databases without COPY (SQLite)."""
         batch: list[dict[str, Any]] = []
         size = 0
-        for row in rows:
-            batch.append(row)
-            size += len(row["content"])
+        for row, content in rows:
+            batch.append({**row, "content": content.file.read(content.size)})
+            size += content.size
             if size >= ARTIFACT_BATCH_BYTES or len(batch) >= ARTIFACT_BATCH_ROWS:
                 self.session.execute(insert(Artifact), batch, execution_options=_BULK)
                 batch, size = [], 0
@@ -392,15 +527,25 @@ class _Landing:
                 self.session, run.id, collected=run.collected, start_at_first=True
             )
             assert summary is not None
-            return Landed(run_id=run.id, results=self.written, summary=summary)
-        summary = summarise(
-            self.new_run, self.tally, self.first_result, collected=self.written, start_at_first=True
+        else:
+            summary = summarise(
+                self.new_run,
+                self.tally,
+                self.first_result,
+                collected=self.written,
+                start_at_first=True,
+            )
+            self.session.flush()  # the run inserted complete if its results were held
+            if self.held:
+                copy_rows(self.session, "results", RESULT_COLUMNS, self.held)
+            self._write_artifacts()
+        return Landed(
+            run_id=run.id,
+            results=self.written,
+            summary=summary,
+            stored_bytes=self.budget.stored,
+            warnings=tuple(self.warnings),
         )
-        self.session.flush()  # the run inserted complete if its results were held, else updated
-        if self.held:
-            copy_rows(self.session, "results", RESULT_COLUMNS, self.held)
-        self._write_artifacts()
-        return Landed(run_id=run.id, results=self.written, summary=summary)
 
 
 def _hold(lines: Iterator[str]) -> tuple[list[str], bool]:
@@ -417,6 +562,20 @@ def _hold(lines: Iterator[str]) -> tuple[list[str], bool]:
 
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
+
+
+def _slices(content: FileContent) -> Iterator[bytes]:
+    """``content`` read in slices of at most SLICE_BYTES; ReportError if it ends early."""
+    left = content.size
+    while left > 0:
+        piece = content.file.read(min(left, SLICE_BYTES))
+        if not piece:
+            raise ReportError("an artifact ended before its stated size (a cut-off upload?)")
+        left -= len(piece)
+        yield piece
+
+
+_JSON = json.JSONEncoder(separators=(",", ":"), default=str)
 
 
 # ORM bulk INSERTs leave out None values unless asked, which splits a batch into one statement

@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import IO, Any
 
 
 @dataclass
@@ -31,13 +31,40 @@ class RunRecord:
 
 
 @dataclass
+class RunUpdate:
+    """What a reader learned about the run after it was opened, sent after the last result:
+    more metadata (a later suite's properties; keys the run already has keep their value) and
+    warnings about values it could not use, for the import to show."""
+
+    metadata: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FileContent:
+    """Content too big to hold in memory: the first ``size`` bytes of ``file`` from where it
+    stands (a temporary file, or an archive member), read once by whoever writes it, who then
+    closes it."""
+
+    file: IO[bytes]
+    size: int
+
+
+@dataclass
 class ArtifactRecord:
     """A file belonging to a result (``result_id``) or, without one, to the run."""
 
     filename: str
-    content: bytes
+    content: bytes | FileContent
     result_id: uuid.UUID | None = None
     content_type: str = "text/plain"
+    #: Its result comes later in the report (an archive may hold a result's files first).
+    before_result: bool = False
+
+    @property
+    def size(self) -> int:
+        """The content's length in bytes."""
+        return len(self.content) if isinstance(self.content, bytes) else self.content.size
 
 
 @dataclass
@@ -59,4 +86,4 @@ class ResultRecord:
     artifacts: list[ArtifactRecord] = field(default_factory=list)
 
 
-Record = RunRecord | ResultRecord | ArtifactRecord
+Record = RunRecord | ResultRecord | ArtifactRecord | RunUpdate
