@@ -16,7 +16,7 @@ import math
 import mimetypes
 import re
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
@@ -55,15 +55,11 @@ LAYOUT = (
 _OUTCOMES = frozenset(outcome.value for outcome in ResultOutcome)
 
 
-def archive_records(
-    chunks: Iterator[bytes],
-    limits: ImportLimits,
-    unpacked: Callable[[int], None] | None = None,
-) -> Iterator[Record]:
+def archive_records(chunks: Iterator[bytes], limits: ImportLimits) -> Iterator[Record]:
     """The records of a pytest-ibutsu archive, in archive order; ReportError for anything that
-    is not a safe, well-formed archive. ``unpacked`` is told the bytes unpacked so far."""
+    is not a safe, well-formed archive."""
     layout = _Layout(limits)
-    for member in members(chunks, limits, unpacked):
+    for member in members(chunks, limits):
         record = layout.record(member)
         if record is not None:
             yield record

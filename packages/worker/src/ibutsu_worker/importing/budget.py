@@ -31,17 +31,7 @@ class Budget:
         self.upload_bytes = upload_bytes
         self.stored = 0
         self.rows = 0
-        self._allowed = self._compute()
-
-    def _compute(self) -> int:
-        ratio = self.limits.max_footprint_ratio
-        return ratio * self.upload_bytes + ROW_BYTES * self.rows + FLOOR
-
-    def grow(self, upload_bytes: int) -> None:
-        """The upload turned out bigger: an archive's unpacked size so far."""
-        if upload_bytes > self.upload_bytes:
-            self.upload_bytes = upload_bytes
-            self._allowed = self._compute()
+        self._allowed = limits.max_footprint_ratio * upload_bytes + FLOOR
 
     def charge(self, size: int, rows: int = 1) -> None:
         """Count ``size`` bytes written in ``rows`` rows; ReportError once over budget."""

@@ -23,7 +23,7 @@ import json
 import logging
 import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
-from contextlib import suppress
+from contextlib import closing, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,7 @@ from ibutsu_worker.importing.errors import ReportError, quoted
 from ibutsu_worker.importing.junit import NOT_A_REPORT, JUnitReader
 from ibutsu_worker.importing.landing import Landed, Upload, land
 from ibutsu_worker.importing.records import Record
+from ibutsu_worker.importing.tar_reader import unpacked_size
 
 log = logging.getLogger(__name__)
 
@@ -46,19 +47,14 @@ CHUNK_SIZE = 1024 * 1024
 GZIP_MAGIC = b"\x1f\x8b"
 _UTF8_BOM = b"\xef\xbb\xbf"
 
-Reader = Callable[[Iterator[bytes], ImportLimits, Budget], Iterable[Record]]
+Reader = Callable[[Iterator[bytes], ImportLimits], Iterable[Record]]
 
 
-def _junit(chunks: Iterator[bytes], limits: ImportLimits, budget: Budget) -> Iterable[Record]:
+def _junit(chunks: Iterator[bytes], limits: ImportLimits) -> Iterable[Record]:
     return JUnitReader(limits).records(chunks)
 
 
-def _archive(chunks: Iterator[bytes], limits: ImportLimits, budget: Budget) -> Iterable[Record]:
-    # An archive's size is what it unpacks to: its budget grows as it is unpacked.
-    return archive_records(chunks, limits, budget.grow)
-
-
-READERS: dict[str, Reader] = {"junit": _junit, "archive": _archive}
+READERS: dict[str, Reader] = {"junit": _junit, "archive": archive_records}
 
 
 def detect_format(head: bytes) -> str:
@@ -130,13 +126,18 @@ def run(task: IbutsuTask, import_id: uuid.UUID, limits: ImportLimits) -> Outcome
             raise ReportError("the uploaded file is missing: nothing was stored for this import")
         if stored.length > limits.max_upload_bytes:
             raise ReportError(limits.refusal("max_upload_bytes", stored.length))
-        chunks = content_chunks(session.get_bind().engine, stored.id, stored.length, stored.head)
-        head = next(chunks, b"")
-        fmt = detect_format(head)
+        engine = session.get_bind().engine
+        fmt = detect_format(stored.head)
         upload = _upload(session, record)
-        budget = Budget(limits, stored.length + len(json.dumps(upload.metadata)))
-        records = READERS[fmt](_prepend(head, chunks), limits, budget)
-        landed = land(session, upload, records, budget)
+        size = stored.length
+        if fmt == "archive":
+            # Unpacked once first, keeping nothing: a gzip bomb is refused at the limit having
+            # spooled and written nothing, and the budget knows the archive's real size.
+            with closing(content_chunks(engine, stored.id, stored.length, stored.head)) as whole:
+                size = unpacked_size(whole, limits)
+        budget = Budget(limits, size + len(json.dumps(upload.metadata)))
+        chunks = content_chunks(engine, stored.id, stored.length, stored.head)
+        landed = land(session, upload, READERS[fmt](chunks, limits), budget)
     except ReportError as exc:
         task.abandon("the report cannot be imported")
         mark_error(session, import_id, str(exc), fmt)
@@ -248,11 +249,6 @@ def content_chunks(
         # The database may have gone away meanwhile: closing must not raise over that.
         with suppress(Exception):
             connection.close()
-
-
-def _prepend(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
-    yield first
-    yield from rest
 
 
 def _mark_done(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import tarfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any, Self
 
@@ -44,19 +44,13 @@ _SPARSE_PAX_KEYS = ("GNU.sparse.",)
 class _Inflater(io.RawIOBase):
     """The tar stream, gunzipped on demand from the chunks; counts every byte it produces."""
 
-    def __init__(
-        self,
-        chunks: Iterator[bytes],
-        limits: ImportLimits,
-        unpacked: Callable[[int], None] | None,
-    ) -> None:
+    def __init__(self, chunks: Iterator[bytes], limits: ImportLimits) -> None:
         super().__init__()
         self._chunks = chunks
         self._zlib = zlib.decompressobj(_GZIP_WBITS)
         self._input = b""
         self._limits = limits
-        self._unpacked = unpacked
-        self._total = 0
+        self.total = 0
 
     def readable(self) -> bool:
         return True
@@ -73,11 +67,9 @@ class _Inflater(io.RawIOBase):
                 raise ReportError(f"corrupt archive: the gzip data is damaged ({exc})") from None
             self._input = self._zlib.unconsumed_tail
             if data:
-                self._total += len(data)
-                if self._total > self._limits.max_archive_bytes:
+                self.total += len(data)
+                if self.total > self._limits.max_archive_bytes:
                     raise ReportError(self._limits.refusal("max_archive_bytes"))
-                if self._unpacked is not None:
-                    self._unpacked(self._total)
                 view[: len(data)] = data
                 return len(data)
             if self._zlib.eof:
@@ -134,16 +126,19 @@ class Member:
     stream: IO[bytes] | None
 
 
-def members(
-    chunks: Iterator[bytes],
-    limits: ImportLimits,
-    unpacked: Callable[[int], None] | None = None,
-) -> Iterator[Member]:
+def unpacked_size(chunks: Iterator[bytes], limits: ImportLimits) -> int:
+    """How many bytes the gzip data unpacks to, keeping none of them: ReportError, naming the
+    limit, as soon as that passes IBUTSU_IMPORT_MAX_ARCHIVE_BYTES, or when it is damaged."""
+    stream = _Inflater(chunks, limits)
+    stream.drain()
+    return stream.total
+
+
+def members(chunks: Iterator[bytes], limits: ImportLimits) -> Iterator[Member]:
     """The archive's members in order; ``stream`` must be read before asking for the next.
-    ``unpacked`` is told the bytes unpacked so far, as they grow.
 
     Raises ReportError for anything unsafe or over a limit, naming the limit's variable."""
-    stream = _Inflater(chunks, limits, unpacked)
+    stream = _Inflater(chunks, limits)
     count = 0
     try:
         with tarfile.open(fileobj=stream, mode="r|", tarinfo=_CheckedInfo) as tar:
