@@ -131,8 +131,8 @@ def run(task: IbutsuTask, import_id: uuid.UUID, limits: ImportLimits) -> Outcome
         upload = _upload(session, record)
         size = stored.length
         if fmt == "archive":
-            # Unpacked once first, keeping nothing: a gzip bomb is refused at the limit having
-            # spooled and written nothing, and the budget knows the archive's real size.
+            # Read once first, keeping nothing: a gzip bomb (or a link, a path outside...) is
+            # refused having spooled and written nothing; the budget knows its real size.
             with closing(content_chunks(engine, stored.id, stored.length, stored.head)) as whole:
                 size = unpacked_size(whole, limits)
         budget = Budget(limits, size + len(json.dumps(upload.metadata)))

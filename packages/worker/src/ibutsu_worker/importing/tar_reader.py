@@ -127,10 +127,12 @@ class Member:
 
 
 def unpacked_size(chunks: Iterator[bytes], limits: ImportLimits) -> int:
-    """How many bytes the gzip data unpacks to, keeping none of them: ReportError, naming the
-    limit, as soon as that passes IBUTSU_IMPORT_MAX_ARCHIVE_BYTES, or when it is damaged."""
+    """How many bytes the archive unpacks to, found by reading it as :func:`members` does but
+    keeping nothing: what :func:`members` would refuse at the tar level (links, paths, sizes,
+    IBUTSU_IMPORT_MAX_ARCHIVE_BYTES, damaged data) is refused here, before anything else."""
     stream = _Inflater(chunks, limits)
-    stream.drain()
+    for _ in _read(stream, limits):
+        pass  # tarfile skips each member's content, unpacked and counted
     return stream.total
 
 
@@ -138,7 +140,10 @@ def members(chunks: Iterator[bytes], limits: ImportLimits) -> Iterator[Member]:
     """The archive's members in order; ``stream`` must be read before asking for the next.
 
     Raises ReportError for anything unsafe or over a limit, naming the limit's variable."""
-    stream = _Inflater(chunks, limits)
+    return _read(_Inflater(chunks, limits), limits)
+
+
+def _read(stream: _Inflater, limits: ImportLimits) -> Iterator[Member]:
     count = 0
     try:
         with tarfile.open(fileobj=stream, mode="r|", tarinfo=_CheckedInfo) as tar:
