@@ -26,6 +26,7 @@ UNIT_FORMATS = {
     "s": "{:.2f} s",
     "ms": "{:.1f} ms",
     "imports/s": "{:,.0f} imports/s",
+    "x": "{:.2f}x",
 }
 
 
