@@ -405,9 +405,9 @@ class _Landing:
     # --- artifacts ---------------------------------------------------------------------------
 
     def _spool_artifact(self, record: ArtifactRecord) -> None:
-        """Charge the artifact and write it to the spool, its content in slices; an archive's
-        spool is written out once it is big and every result it needs is there."""
-        # The content is charged as it is read: an archive's budget grows as it is unpacked.
+        """Write the artifact to the spool, its content in slices, each charged before it is
+        written; an archive's spool is written out once it is big and every result it needs
+        is there."""
         charge = self.budget.charge
         charge(len(record.filename) + ARTIFACT_ROW_BYTES)
         header = {
