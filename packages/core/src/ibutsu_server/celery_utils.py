@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from celery import Celery
 from celery.signals import after_setup_logger
@@ -24,9 +24,6 @@ from ibutsu_server.settings import (
     load_settings,
     redact_url,
 )
-
-if TYPE_CHECKING:
-    from ibutsu_server.http_endpoints import ProbeServer
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +117,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+class Endpoint(Protocol):
+    """The HTTP endpoint a process serves (``http_endpoints.ProbeServer``), named here by its
+    shape so that Flower's app never imports it."""
+
+    def shutdown(self) -> None: ...
+
+    def server_close(self) -> None: ...
+
+
 class IbutsuCelery(Celery):  # type: ignore[misc]
     """A Celery app that carries, typed, the settings it was built from, the HTTP endpoint
     (/metrics, /healthz, /readyz) its process serves, if any, and the watch on its main loop
@@ -128,7 +134,7 @@ class IbutsuCelery(Celery):  # type: ignore[misc]
     def __init__(self, settings: Settings, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.settings = settings
-        self.endpoint: ProbeServer | None = None
+        self.endpoint: Endpoint | None = None
         timeout = settings.metrics.liveness_seconds if settings.metrics else None
         self.liveness = LoopWatch(timeout or DEFAULT_LIVENESS_SECONDS)
 
