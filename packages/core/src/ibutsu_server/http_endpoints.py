@@ -104,8 +104,13 @@ class ProbeServer:
         # Connections still waiting for their request, oldest first: whom to close for room.
         self.waiting: dict[asyncio.StreamWriter, None] = {}
         self.server = self.loop.run_until_complete(
+            # Every IPv4 interface, as before: a pod's probes and Prometheus reach its IP.
             asyncio.start_server(
-                self._connection, port=port, limit=MAX_HEAD_BYTES, backlog=MAX_OPEN
+                self._connection,
+                "0.0.0.0",  # noqa: S104
+                port,
+                limit=MAX_HEAD_BYTES,
+                backlog=MAX_OPEN,
             )
         )
         self.server_address = self.server.sockets[0].getsockname()
