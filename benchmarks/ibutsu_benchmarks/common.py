@@ -15,7 +15,13 @@ from sqlalchemy import Engine
 from ibutsu_server.db.engine import make_engine
 from ibutsu_server.db.migrate import upgrade
 from ibutsu_server.settings import Settings
-from ibutsu_testing.services import clear_redis_prefix, postgres_database, service_env, settings_for
+from ibutsu_testing.services import (
+    REDIS_URL,
+    clear_redis_prefix,
+    postgres_database,
+    service_env,
+    settings_for,
+)
 
 QUICK_DIVISOR = 10
 _STARTED = time.monotonic()
@@ -27,6 +33,7 @@ UNIT_FORMATS = {
     "ms": "{:.1f} ms",
     "imports/s": "{:,.0f} imports/s",
     "x": "{:.2f}x",
+    "tasks/s": "{:,.0f} tasks/s",
 }
 
 
@@ -55,11 +62,14 @@ class Sizes:
     import_big_cases: int = 400_000
     import_repeats: int = 3
     prune_results: int = 1_000_000
+    prune_repeats: int = 3
     summary_table_results: int = 1_000_000
     summary_run_results: int = 100_000
     summary_repeats: int = 5
     hostile_report_bytes: int = 20_000_000
     load_imports: int = 10_000
+    overhead_tasks: int = 3000  # a multiple of the slices
+    overhead_repeats: int = 3
 
     def quick(self) -> Sizes:
         """The smoke-test sizes: every count divided by QUICK_DIVISOR, as many repeats."""
@@ -72,6 +82,7 @@ class Sizes:
             summary_run_results=self.summary_run_results // QUICK_DIVISOR,
             hostile_report_bytes=self.hostile_report_bytes // QUICK_DIVISOR,
             load_imports=self.load_imports // QUICK_DIVISOR,
+            overhead_tasks=self.overhead_tasks // QUICK_DIVISOR,
         )
 
 
@@ -151,23 +162,31 @@ class Services:
     env: dict[str, str]
     settings: Settings
     engine: Engine
+    redis_url: str
+    key_prefix: str
 
 
 @contextmanager
-def fresh_services(benchmark: str) -> Iterator[Services]:
+def fresh_services(benchmark: str, redis_url: str | None = None) -> Iterator[Services]:
     """A new PostgreSQL database migrated to the newest schema (so the real indexes are in
-    place) and a Redis key prefix of its own; dropped and cleared afterwards."""
+    place) and a Redis key prefix of its own, on the machine's Redis or on ``redis_url`` (a
+    Redis of the benchmark's own, whose CPU is all the benchmark's); dropped and cleared
+    afterwards."""
     prefix = f"ibutsu-bench-{benchmark}-{uuid.uuid4().hex[:8]}:"
+    url = redis_url or REDIS_URL
     try:
         with postgres_database() as database:
-            env = service_env(database, prefix)
+            env = service_env(
+                database, prefix, CELERY_BROKER_URL=url, CELERY_RESULT_BACKEND=url
+            )
             settings = settings_for(env)
             assert settings.database is not None  # the worker role always has one
             engine = make_engine(settings.database)
             try:
                 upgrade(engine)
-                yield Services(env=env, settings=settings, engine=engine)
+                yield Services(env, settings, engine, url, prefix)
             finally:
                 engine.dispose()
     finally:
-        clear_redis_prefix(prefix)
+        if redis_url is None:
+            clear_redis_prefix(prefix)

@@ -16,6 +16,7 @@ from pathlib import Path
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from ibutsu_benchmarks.cpu import children, status_mb
 from ibutsu_benchmarks.common import (
     Figure,
     Services,
@@ -93,7 +94,7 @@ def run(sizes: Sizes, folder: Path) -> list[Figure]:
                     copy_rates.append(small / seconds)
                     timing = _import(submitter, project_id, report, small)
                     import_rates.append(small / timing.total)
-                    peaks.append(_status_mb(child, "VmHWM"))
+                    peaks.append(status_mb(child, "VmHWM"))
                     say(
                         f"{NAME}: {attempt}/{sizes.import_repeats}: COPY "
                         f"{show(copy_rates[-1], 'results/s')}; import {timing.describe(small)}; "
@@ -102,7 +103,7 @@ def run(sizes: Sizes, folder: Path) -> list[Figure]:
             with _pool_child(services, folder / "worker-2.log") as child:
                 big_idle = _idle_mb(child)
                 big_timing = _import(submitter, project_id, big_report, large)
-                big_peak = _status_mb(child, "VmHWM")
+                big_peak = status_mb(child, "VmHWM")
                 say(
                     f"{NAME}: {large:,} cases on a fresh worker: {big_timing.describe(large)}; "
                     f"pool child idle {big_idle:.1f} MB, peak {big_peak:.1f} MB"
@@ -235,22 +236,10 @@ def _pool_child(services: Services, log_path: Path) -> Iterator[int]:
 
 
 def _only_child(pid: int) -> int | None:
-    children = [
-        int(child)
-        for path in Path(f"/proc/{pid}/task").glob("*/children")
-        for child in path.read_text().split()
-    ]
-    return children[0] if len(children) == 1 else None
+    found = children(pid)
+    return found[0] if len(found) == 1 else None
 
 
 def _idle_mb(pid: int) -> float:
     time.sleep(IDLE_SETTLE_SECONDS)
-    return _status_mb(pid, "VmRSS")
-
-
-def _status_mb(pid: int, field: str) -> float:
-    """A memory field of /proc/<pid>/status (reported in KiB) in MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) * 1024 / BYTES_PER_MB
-    raise RuntimeError(f"no {field} in /proc/{pid}/status")
+    return status_mb(pid, "VmRSS")

@@ -21,6 +21,7 @@ from ibutsu_benchmarks import (
     hostile_bench,
     import_bench,
     load_bench,
+    overhead_bench,
     prune_bench,
     summary_bench,
 )
@@ -32,6 +33,7 @@ BENCHMARKS: dict[str, Callable[[Sizes, Path], list[Figure]]] = {
     summary_bench.NAME: summary_bench.run,
     hostile_bench.NAME: hostile_bench.run,
     load_bench.NAME: load_bench.run,
+    overhead_bench.NAME: overhead_bench.run,
 }
 HEADERS = ("benchmark", "metric", "measured", "baseline", "ratio", "target", "verdict")
 

@@ -22,10 +22,12 @@ PG_OS_USER = "postgres"
 
 @dataclass
 class PrivateRedis:
-    """A redis-server of the test's own, persisting every write (AOF, fsync always)."""
+    """A redis-server of the test's own, persisting every write (AOF, fsync always), or, not
+    ``durable``, persisting nothing (the machine's Redis, for benchmarks that count its CPU)."""
 
     port: int
     folder: Path
+    durable: bool = True
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -41,7 +43,7 @@ class PrivateRedis:
                 "--port", str(self.port),
                 "--bind", "127.0.0.1",
                 "--dir", str(self.folder),
-                "--appendonly", "yes",
+                "--appendonly", "yes" if self.durable else "no",
                 "--appendfsync", "always",
                 "--save", "",
             ],
@@ -71,9 +73,9 @@ def _pings(client: redis.Redis) -> bool:
 
 
 @contextmanager
-def private_redis() -> Iterator[PrivateRedis]:
+def private_redis(*, durable: bool = True) -> Iterator[PrivateRedis]:
     folder = Path(tempfile.mkdtemp(prefix="ibutsu-redis-"))
-    server = PrivateRedis(free_port(), folder)
+    server = PrivateRedis(free_port(), folder, durable)
     server.start()
     try:
         yield server

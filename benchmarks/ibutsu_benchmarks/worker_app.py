@@ -1,0 +1,31 @@
+"""``ibutsu_benchmarks.worker_app:app``: the worker app as deployed (``ibutsu_server:worker_app``:
+its consumer, metrics, leases and shutdown handling) with the benchmarks' reference tasks,
+which differ only in their base class and body."""
+
+from __future__ import annotations
+
+from celery import Task
+from sqlalchemy import text
+
+from ibutsu_server.ibutsu_task import IbutsuTask
+from ibutsu_worker.app import app
+
+NOOP = "ibutsu_benchmarks.noop"
+EMPTY = "ibutsu_benchmarks.empty"
+ONE_STATEMENT = "ibutsu_benchmarks.one_statement"
+
+
+@app.task(base=Task, name=NOOP, ignore_result=True, shared=False)
+def noop() -> None:
+    """A bare Celery task that does nothing: the floor."""
+
+
+@app.task(bind=True, name=EMPTY, ignore_result=True, shared=False)
+def empty(self: IbutsuTask) -> None:
+    """An IbutsuTask that does nothing: its session scope is never used."""
+
+
+@app.task(bind=True, name=ONE_STATEMENT, ignore_result=True, shared=False)
+def one_statement(self: IbutsuTask) -> None:
+    """An IbutsuTask whose body is one SQL statement: a transaction is begun and committed."""
+    self.session.execute(text("SELECT 1"))
