@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import URL, Engine, create_engine, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 from ibutsu_server.settings import DatabaseSettings
@@ -14,6 +16,12 @@ from ibutsu_server.settings import DatabaseSettings
 # Recycle connections before common server and proxy idle timeouts drop them.
 POOL_RECYCLE_SECONDS = 1800
 SQLITE_BUSY_TIMEOUT_SECONDS = 30
+# A connection back in the pool for longer than this is pinged before it is handed out; one
+# used more recently is not: under load every task would pay a round trip for nothing. Should
+# the server have gone in that last second, the first statement fails as a lost connection,
+# which IbutsuTask retries on a new one.
+PING_AFTER_IDLE_SECONDS = 1.0
+_IDLE_SINCE = "ibutsu_idle_since"
 _AFTER_COMMIT = "ibutsu_after_commit"
 _HOLDS_SESSION_LOCKS = "ibutsu_holds_session_locks"
 
@@ -51,15 +59,37 @@ def make_engine(settings: DatabaseSettings, **kwargs: Any) -> Engine:
         return engine
     engine = create_engine(
         url,
-        pool_pre_ping=True,
         pool_recycle=POOL_RECYCLE_SECONDS,
         connect_args={"connect_timeout": 10, "application_name": "ibutsu-tasks"},
         **kwargs,
     )
+    event.listen(engine, "connect", _mark_idle)
+    event.listen(engine, "checkin", _mark_idle)
     event.listen(engine, "checkin", _release_advisory_locks)
+    event.listen(engine, "checkout", _ping_if_idle(engine))
     # The pool logs under its class's own logger name; a filter does not reach down to it.
     logging.getLogger(f"sqlalchemy.pool.impl.{type(engine.pool).__name__}").addFilter(_QUIET_RESET)
     return engine
+
+
+def _mark_idle(_dbapi_connection: Any, record: Any) -> None:
+    record.info[_IDLE_SINCE] = time.monotonic()
+
+
+def _ping_if_idle(engine: Engine) -> Callable[[Any, Any, Any], None]:
+    """A checkout hook: SQLAlchemy's pre-ping, for connections idle over
+    PING_AFTER_IDLE_SECONDS only. A dead one is replaced (the pool retries the checkout)."""
+
+    def ping(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.get(_IDLE_SINCE)
+        if idle_since is not None and time.monotonic() - idle_since < PING_AFTER_IDLE_SECONDS:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            raise sa_exc.DisconnectionError(str(exc)) from exc
+
+    return ping
 
 
 class _QuietDeadConnectionReset(logging.Filter):
