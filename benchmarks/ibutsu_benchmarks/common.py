@@ -68,6 +68,8 @@ class Sizes:
     summary_repeats: int = 5
     hostile_report_bytes: int = 20_000_000
     load_imports: int = 10_000
+    load_floor_tasks: int = 2000
+    load_floor_copies: int = 500
     overhead_tasks: int = 3000  # a multiple of the slices
     overhead_repeats: int = 3
 
@@ -82,6 +84,8 @@ class Sizes:
             summary_run_results=self.summary_run_results // QUICK_DIVISOR,
             hostile_report_bytes=self.hostile_report_bytes // QUICK_DIVISOR,
             load_imports=self.load_imports // QUICK_DIVISOR,
+            load_floor_tasks=self.load_floor_tasks // QUICK_DIVISOR,
+            load_floor_copies=self.load_floor_copies // QUICK_DIVISOR,
             overhead_tasks=self.overhead_tasks // QUICK_DIVISOR,
         )
 

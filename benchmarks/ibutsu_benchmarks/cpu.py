@@ -167,10 +167,13 @@ def worker_sources(
     return sources
 
 
-def thread_and_backend_seconds(connection: Any) -> Callable[[], float]:
-    """A clock of the CPU this thread and ``connection``'s server backend have used: for work
-    done by the benchmark itself, on one connection (a baseline's COPY)."""
-    pid = int(connection.scalar(text("SELECT pg_backend_pid()")))
+def thread_and_backend_seconds(dbapi_connection: Any) -> Callable[[], float]:
+    """A clock of the CPU this thread and ``dbapi_connection``'s server backend have used:
+    for work the benchmark does itself, on one connection (a baseline's COPY)."""
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        pid = int(cursor.fetchone()[0])
+    dbapi_connection.commit()
 
     def clock() -> float:
         return time.thread_time() + (process_seconds(pid) or 0.0)

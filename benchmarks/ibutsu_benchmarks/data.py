@@ -3,6 +3,7 @@ as rows in the importer's COPY format, and as bulk-loadable runs, results and ar
 
 from __future__ import annotations
 
+import io
 import itertools
 import random
 import time
@@ -16,9 +17,10 @@ from typing import IO, Any
 from xml.sax.saxutils import escape, quoteattr
 
 from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session
 
 from ibutsu_benchmarks.common import say
-from ibutsu_server.db.models import utcnow
+from ibutsu_server.db.models import Run, utcnow
 from ibutsu_worker.importing.copy import copy_line
 from ibutsu_worker.importing.landing import ARTIFACT_COLUMNS, RESULT_COLUMNS
 
@@ -252,6 +254,34 @@ def artifact_rows(case: Case, result_id: uuid.UUID, uploaded: datetime) -> list[
         }
         rows.append(tuple(row[column] for column in ARTIFACT_COLUMNS))
     return rows
+
+
+def new_runs(engine: Engine, project_id: uuid.UUID | None, start: datetime, count: int) -> list[uuid.UUID]:
+    """``count`` empty runs, committed, for baselines to COPY results into."""
+    ids = [uuid.uuid4() for _ in range(count)]
+    created = utcnow()
+    with Session(engine) as session:
+        session.add_all(
+            Run(id=run_id, project_id=project_id, start_time=start, created=created)
+            for run_id in ids
+        )
+        session.commit()
+    return ids
+
+
+def copy_text(
+    count: int, seed: int, start: datetime, run_id: uuid.UUID, project_id: uuid.UUID | None
+) -> tuple[str, str]:
+    """The COPY text of the ``results`` and the ``artifacts`` rows the importer writes for a
+    report of ``count`` cases (:func:`cases`) into the run ``run_id``."""
+    results, artifacts = io.StringIO(), io.StringIO()
+    uploaded = utcnow()
+    for case in cases(count, seed, start):
+        row = result_row(case, run_id=run_id, project_id=project_id)
+        results.write(copy_line(row))
+        for artifact in artifact_rows(case, row[RESULT_COLUMNS.index("id")], uploaded):
+            artifacts.write(copy_line(artifact))
+    return results.getvalue(), artifacts.getvalue()
 
 
 def copy_in(engine: Engine, table: str, columns: Sequence[str], source: IO[str]) -> None:

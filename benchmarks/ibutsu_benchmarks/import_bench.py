@@ -27,17 +27,9 @@ from ibutsu_benchmarks.common import (
     say,
     show,
 )
-from ibutsu_benchmarks.data import (
-    PROJECT,
-    artifact_rows,
-    cases,
-    copy_in,
-    result_row,
-    write_junit,
-)
-from ibutsu_server.db.models import Import, ImportStatus, Project, Run, utcnow
+from ibutsu_benchmarks.data import PROJECT, cases, copy_in, copy_text, new_runs, write_junit
+from ibutsu_server.db.models import Import, ImportStatus, Project, utcnow
 from ibutsu_testing.services import running_worker, wait_for
-from ibutsu_worker.importing.copy import copy_line
 from ibutsu_worker.importing.landing import ARTIFACT_COLUMNS, RESULT_COLUMNS
 from ibutsu_worker.submission import Submitter
 
@@ -172,20 +164,10 @@ def _copy_baseline(engine: Engine, project_id: uuid.UUID, count: int, start: dat
     """Seconds for plain COPYs (and commits) of the rows the importer writes for the report,
     results and their artifacts, into a run of their own; the COPY text is prepared before
     the clock starts."""
-    with Session(engine) as session:
-        run = Run(id=uuid.uuid4(), project_id=project_id, start_time=start, created=utcnow())
-        session.add(run)
-        session.commit()
-        run_id = run.id
-    results, artifacts = io.StringIO(), io.StringIO()
-    uploaded = utcnow()
-    for case in cases(count, SEED, start):
-        row = result_row(case, run_id=run_id, project_id=project_id)
-        results.write(copy_line(row))
-        for artifact in artifact_rows(case, row[RESULT_COLUMNS.index("id")], uploaded):
-            artifacts.write(copy_line(artifact))
-    results.seek(0)
-    artifacts.seek(0)
+    (run_id,) = new_runs(engine, project_id, start, 1)
+    results, artifacts = (
+        io.StringIO(text) for text in copy_text(count, SEED, start, run_id, project_id)
+    )
     started = time.perf_counter()
     copy_in(engine, "results", RESULT_COLUMNS, results)
     copy_in(engine, "artifacts", ARTIFACT_COLUMNS, artifacts)

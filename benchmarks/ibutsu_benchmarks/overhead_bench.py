@@ -12,8 +12,7 @@ from pathlib import Path
 
 from ibutsu_benchmarks import cpu
 from ibutsu_benchmarks.common import Figure, Sizes, Target, fresh_services, say, show
-from ibutsu_benchmarks.worker_app import EMPTY, NOOP, ONE_STATEMENT
-from ibutsu_benchmarks.workers import Workers, own_redis, running_workers
+from ibutsu_benchmarks.workers import EMPTY, NOOP, ONE_STATEMENT, Workers, own_redis, running_workers
 
 NAME = "overhead"
 QUEUE = "ibutsu-bench"

@@ -7,12 +7,9 @@ from __future__ import annotations
 from celery import Task
 from sqlalchemy import text
 
+from ibutsu_benchmarks.workers import EMPTY, NOOP, ONE_STATEMENT
 from ibutsu_server.ibutsu_task import IbutsuTask
 from ibutsu_worker.app import app
-
-NOOP = "ibutsu_benchmarks.noop"
-EMPTY = "ibutsu_benchmarks.empty"
-ONE_STATEMENT = "ibutsu_benchmarks.one_statement"
 
 
 @app.task(base=Task, name=NOOP, ignore_result=True, shared=False)

@@ -19,8 +19,12 @@ from ibutsu_server.celery_utils import IbutsuCelery, create_celery
 from ibutsu_testing.private import private_redis
 from ibutsu_testing.services import running_worker, wait_for
 
-# The worker app as deployed, plus the benchmarks' reference tasks.
+# The worker app as deployed, plus the benchmarks' reference tasks (named here: the
+# benchmarks' own process must not build a worker app).
 APP = "ibutsu_benchmarks.worker_app:app"
+NOOP = "ibutsu_benchmarks.noop"
+EMPTY = "ibutsu_benchmarks.empty"
+ONE_STATEMENT = "ibutsu_benchmarks.one_statement"
 IDLE_QUEUE = "ibutsu-bench-idle"
 POLL_SECONDS = 0.01
 DRAIN_TIMEOUT = 3600.0
