@@ -7,6 +7,14 @@ newer row can never block the delete. The ages are upstream's: artifacts by uplo
 results and runs by start time, imports (with their files) by when they were created.
 
 Each batch ends with ``commit``, the caller's named checkpoint; nothing else here commits.
+
+What a batch of results costs (EXPLAIN ANALYZE, 10,000 results): about four fifths is the
+foreign-key check of ``artifacts.result_id``, one index probe per deleted result (20-40 us
+each), which one plain DELETE pays alike; the rest is the heap deletes and their WAL (one
+record of 54 bytes per row; a DELETE adds no index entries, vacuum removes them later), the
+batch's artifacts found through their index, the time index walked for the next batch, and a
+commit (one WAL flush). So batches cost about what one DELETE does, each holding its locks
+for a fraction of a second.
 """
 
 from __future__ import annotations
@@ -176,9 +184,11 @@ class Pruner:
             started = time.perf_counter()
             doomed = select(key.label("key"), literal_column("ctid").label("row"))
             batch = self._oldest(doomed, column, floor, size).cte("doomed")
-            keys = select(batch.c.key)
+            # Children found through their own index, key by key: a semi-join would hash the
+            # batch's keys and scan the whole child table at every batch.
+            keys = func.array(select(batch.c.key).scalar_subquery())
             gone_children = [
-                delete(child.table).where(child.in_(keys)).returning(child).cte(f"gone_{n}")
+                delete(child.table).where(child == func.any(keys)).returning(child).cte(f"gone_{n}")
                 for n, child in enumerate(children)
             ]
             # By physical row address (a TID scan), not through the primary-key index; the
