@@ -59,7 +59,7 @@ class Sizes:
     """How much data each benchmark uses; the defaults are the full-size run."""
 
     import_cases: int = 100_000
-    import_big_cases: int = 400_000
+    import_big_cases: int = 1_000_000
     import_repeats: int = 3
     prune_results: int = 1_000_000
     prune_repeats: int = 3
@@ -180,9 +180,7 @@ def fresh_services(benchmark: str, redis_url: str | None = None) -> Iterator[Ser
     url = redis_url or REDIS_URL
     try:
         with postgres_database() as database:
-            env = service_env(
-                database, prefix, CELERY_BROKER_URL=url, CELERY_RESULT_BACKEND=url
-            )
+            env = service_env(database, prefix, CELERY_BROKER_URL=url, CELERY_RESULT_BACKEND=url)
             settings = settings_for(env)
             assert settings.database is not None  # the worker role always has one
             engine = make_engine(settings.database)

@@ -128,7 +128,9 @@ class CpuMeter:
 
     def start(self) -> None:
         self._read()
-        self.base = {pid: value for readings in self.last.values() for pid, value in readings.items()}
+        self.base = {
+            pid: value for readings in self.last.values() for pid, value in readings.items()
+        }
         self.started_at = time.perf_counter()
         self.stopped.clear()
         self.thread = threading.Thread(target=self._loop, name="cpu-meter", daemon=True)

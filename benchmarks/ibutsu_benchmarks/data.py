@@ -256,7 +256,9 @@ def artifact_rows(case: Case, result_id: uuid.UUID, uploaded: datetime) -> list[
     return rows
 
 
-def new_runs(engine: Engine, project_id: uuid.UUID | None, start: datetime, count: int) -> list[uuid.UUID]:
+def new_runs(
+    engine: Engine, project_id: uuid.UUID | None, start: datetime, count: int
+) -> list[uuid.UUID]:
     """``count`` empty runs, committed, for baselines to COPY results into."""
     ids = [uuid.uuid4() for _ in range(count)]
     created = utcnow()

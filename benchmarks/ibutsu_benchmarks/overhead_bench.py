@@ -12,7 +12,14 @@ from pathlib import Path
 
 from ibutsu_benchmarks import cpu
 from ibutsu_benchmarks.common import Figure, Sizes, Target, fresh_services, say, show
-from ibutsu_benchmarks.workers import EMPTY, NOOP, ONE_STATEMENT, Workers, own_redis, running_workers
+from ibutsu_benchmarks.workers import (
+    EMPTY,
+    NOOP,
+    ONE_STATEMENT,
+    Workers,
+    own_redis,
+    running_workers,
+)
 
 NAME = "overhead"
 QUEUE = "ibutsu-bench"
@@ -31,16 +38,19 @@ def run(sizes: Sizes, folder: Path) -> list[Figure]:
     count = sizes.overhead_tasks
     rates: dict[str, list[float]] = {kind: [] for kind in KINDS}
     usages: dict[str, list[cpu.Usage]] = {kind: [] for kind in KINDS}
-    with own_redis() as (url, redis_pid), fresh_services(NAME, url) as services:
-        with running_workers(services, redis_pid, folder) as workers:
-            for repeat in range(sizes.overhead_repeats):
-                for kind, (seconds, usage) in _round(workers, count).items():
-                    rates[kind].append(count / seconds)
-                    usages[kind].append(usage)
-                    say(
-                        f"{NAME}: {repeat + 1}/{sizes.overhead_repeats} {kind}: "
-                        f"{show(count / seconds, 'tasks/s')}; {usage.describe(count, 'task')}"
-                    )
+    with (
+        own_redis() as (url, redis_pid),
+        fresh_services(NAME, url) as services,
+        running_workers(services, redis_pid, folder) as workers,
+    ):
+        for repeat in range(sizes.overhead_repeats):
+            for kind, (seconds, usage) in _round(workers, count).items():
+                rates[kind].append(count / seconds)
+                usages[kind].append(usage)
+                say(
+                    f"{NAME}: {repeat + 1}/{sizes.overhead_repeats} {kind}: "
+                    f"{show(count / seconds, 'tasks/s')}; {usage.describe(count, 'task')}"
+                )
     medians = {kind: statistics.median(values) for kind, values in rates.items()}
     figures = []
     for kind in (TARGETED, "IbutsuTask, empty body"):
@@ -59,10 +69,12 @@ def run(sizes: Sizes, folder: Path) -> list[Figure]:
             )
         )
     for kind, kind_usages in usages.items():
-        usage = kind_usages[len(kind_usages) // 2]
-        per = statistics.median(u.total for u in kind_usages) * 1000 / count
-        say(f"{NAME}: {kind}: median CPU {per:.2f} ms per task; e.g. {usage.describe(count, 'task')}")
-        figures.append(Figure(NAME, f"CPU per task, all processes, {kind} (information)", per, "ms"))
+        usage = sorted(kind_usages, key=lambda u: u.total)[len(kind_usages) // 2]
+        say(f"{NAME}: {kind}, median round: {usage.describe(count, 'task')}")
+        per = usage.per(count)["total"]
+        figures.append(
+            Figure(NAME, f"CPU per task, all processes: {kind} (information)", per, "ms")
+        )
     return figures
 
 

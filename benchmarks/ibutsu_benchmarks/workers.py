@@ -55,8 +55,11 @@ class Workers:
             return int(self.client.llen(waiting)) < queued
 
         def drained() -> bool:
-            left, held = self.client.pipeline().llen(waiting).hlen(unacked).execute()
-            return left == 0 and held == 0
+            pipeline = self.client.pipeline()
+            pipeline.llen(waiting)
+            pipeline.hlen(unacked)
+            left, held = pipeline.execute()
+            return int(left) == 0 and int(held) == 0
 
         self.meter.start()
         self.producer.control.add_consumer(queue, reply=True)
