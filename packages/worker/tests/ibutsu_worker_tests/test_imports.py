@@ -16,6 +16,7 @@ from ibutsu_server import task_names
 from ibutsu_server.app_factory import FlaskCelery
 from ibutsu_server.db.models import Artifact, Import, ImportFile, Result, Run, utcnow
 from ibutsu_worker.importing import junit, landing
+from ibutsu_worker.importing.job import CHUNK_SIZE, content_chunks
 from ibutsu_worker.importing.landing import HELD_ROWS
 from ibutsu_worker.submission import Submitter, import_record
 from ibutsu_worker.summaries import update_summary
@@ -223,3 +224,24 @@ def test_a_text_too_big_for_memory_is_streamed_to_the_database_whole(
     with submitter.db.engine.connect() as connection:
         stored = connection.scalar(select(Artifact.content))
     assert stored == text.strip().encode()
+
+
+def test_a_stored_report_of_many_slices_reads_back_whole(
+    submitter: Submitter, tmp_path: Path
+) -> None:
+    # Compressible, as reports are (PostgreSQL stores it compressed), and not a whole number
+    # of slices long.
+    content = b"".join(b"<testcase name='t%d'/>\n" % n for n in range(260_000))
+    assert len(content) > 3 * CHUNK_SIZE and len(content) % CHUNK_SIZE
+    report = tmp_path / "big.xml"
+    report.write_bytes(content)
+    record = submitter.store(report)
+    file_id = submitter.db.session().scalar(
+        select(ImportFile.id).where(ImportFile.import_id == record.id)
+    )
+    submitter.db.session.remove()
+    assert file_id is not None
+    head = content[:CHUNK_SIZE]
+    chunks = list(content_chunks(submitter.db.engine, file_id, len(content), head))
+    assert b"".join(chunks) == content
+    assert [len(chunk) for chunk in chunks[:-1]] == [CHUNK_SIZE] * (len(chunks) - 1)
