@@ -263,7 +263,7 @@ def content_chunks(
                     "size": CHUNK_SIZE,
                 },
             )
-            slices = (chunk for (chunk,) in rows)
+            slices: Iterator[Any] = (chunk for (chunk,) in rows)
         else:  # SQLite stores it as it is: a slice costs its own size
             slices = (
                 connection.scalar(
