@@ -14,7 +14,8 @@ each), which one plain DELETE pays alike; the rest is the heap deletes and their
 record of 54 bytes per row; a DELETE adds no index entries, vacuum removes them later), the
 batch's artifacts found through their index, the time index walked for the next batch, and a
 commit (one WAL flush). So batches cost about what one DELETE does, each holding its locks
-for a fraction of a second.
+for a fraction of a second; their size follows how long the last one took (BATCH_SECONDS), as a
+row costs several times more on a loaded server than on an idle one.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ log = logging.getLogger(__name__)
 
 BATCH_SIZE = 10_000
 RUN_BATCH_SIZE = 200
+# Unless the caller fixes the size, a batch grows or shrinks to last about BATCH_SECONDS: far
+# under a second on a loaded server (where a row may cost ten times more), few commits on an
+# idle one. It at most doubles from one batch to the next, and shrinks at once.
+BATCH_SECONDS = 0.25
+MIN_BATCH, MAX_BATCH = 1000, 100_000
 # Retention below these is far more likely a typo than a policy.
 MIN_MONTHS = {"artifacts": 1, "results": 1, "runs": 1}
 MIN_IMPORT_FILE_DAYS = 1
@@ -117,11 +123,12 @@ class Pruner:
     """Deletes rows older than a cutoff in batches, each batch its own timed transaction."""
 
     def __init__(
-        self, session: Session, commit: Commit, cutoff: datetime, batch_size: int = BATCH_SIZE
+        self, session: Session, commit: Commit, cutoff: datetime, batch_size: int | None = None
     ) -> None:
         self.session = session
         self.commit = commit
-        self.batch_size = batch_size
+        self.batch_size = batch_size or BATCH_SIZE
+        self.adaptive = batch_size is None
         self.report = PruneReport(cutoff=cutoff)
 
     def by_time(
@@ -138,7 +145,7 @@ class Pruner:
         the delete, for work too big for one transaction."""
         size = batch_size or self.batch_size
         if before is None and self.session.get_bind().dialect.name == "postgresql":
-            self._by_time_in_server(column, key, children, size)
+            self._by_time_in_server(column, key, children, size, self.adaptive and not batch_size)
             return
         floor: datetime | None = None
         while True:
@@ -173,6 +180,7 @@ class Pruner:
         key: Column[Any],
         children: Sequence[Column[Any]],
         size: int,
+        adaptive: bool,
     ) -> None:
         """by_time in one statement per batch (PostgreSQL's data-modifying WITH): the keys
         never travel to Python and back, so a batch costs little more than its share of one
@@ -209,10 +217,12 @@ class Pruner:
                 assert isinstance(child.table, Table)
                 self.report.count(child.table.name, int(cast(int, count)))
             self.report.count(table.name, deleted)
-            self._commit(started)
+            elapsed = self._commit(started)
             if deleted < size:
                 return
             floor = cast(datetime, row[1])
+            if adaptive:
+                size = max(MIN_BATCH, min(MAX_BATCH, 2 * size, int(size * BATCH_SECONDS / elapsed)))
 
     def by_query(
         self, key: Column[Any], ids_query: Select[Any], children: Sequence[Column[Any]] = ()
@@ -240,15 +250,17 @@ class Pruner:
             )
             self.report.count(table.name, done.rowcount)
 
-    def _commit(self, started: float) -> None:
+    def _commit(self, started: float) -> float:
+        """Commit the batch begun at ``started``; its seconds."""
         self.commit()
         elapsed = time.perf_counter() - started
         self.report.batches += 1
         self.report.longest_batch_seconds = max(self.report.longest_batch_seconds, elapsed)
+        return elapsed
 
 
 def prune_artifacts(
-    session: Session, commit: Commit, months: object, batch_size: int = BATCH_SIZE
+    session: Session, commit: Commit, months: object, batch_size: int | None = None
 ) -> PruneReport:
     """Delete artifacts uploaded more than ``months`` months ago."""
     cutoff = months_ago(utcnow(), check_months("artifacts", months))
@@ -259,7 +271,7 @@ def prune_artifacts(
 
 
 def prune_results(
-    session: Session, commit: Commit, months: object, batch_size: int = BATCH_SIZE
+    session: Session, commit: Commit, months: object, batch_size: int | None = None
 ) -> PruneReport:
     """Delete results that started more than ``months`` months ago, their artifacts first."""
     cutoff = months_ago(utcnow(), check_months("results", months))
@@ -270,7 +282,7 @@ def prune_results(
 
 
 def prune_runs(
-    session: Session, commit: Commit, months: object, batch_size: int = BATCH_SIZE
+    session: Session, commit: Commit, months: object, batch_size: int | None = None
 ) -> PruneReport:
     """Delete runs that started more than ``months`` months ago with their results and
     artifacts; a run's results go in batches first, so no transaction grows with a run."""
@@ -293,7 +305,7 @@ def prune_runs(
 
 
 def prune_imports(
-    session: Session, commit: Commit, days: object, batch_size: int = BATCH_SIZE
+    session: Session, commit: Commit, days: object, batch_size: int | None = None
 ) -> PruneReport:
     """Delete imports created more than ``days`` days ago, with their stored files."""
     days = check_retention("imports", days, "days", MIN_IMPORT_FILE_DAYS)

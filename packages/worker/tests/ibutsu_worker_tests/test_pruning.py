@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timedelta
+from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ibutsu_server.db.models import Artifact, Import, ImportFile, Result, Run, utcnow
+from ibutsu_worker import pruning
 from ibutsu_worker.pruning import (
     RetentionRefused,
     months_ago,
@@ -122,3 +124,21 @@ def test_a_retention_given_as_text_counts(session: Session) -> None:
 def test_months_ago_clamps_to_month_end() -> None:
     assert months_ago(datetime(2026, 3, 31), 1) == datetime(2026, 2, 28)
     assert months_ago(datetime(2026, 1, 15), 13) == datetime(2024, 12, 15)
+
+
+def test_batches_shrink_when_they_take_long_unless_their_size_is_fixed(
+    session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if session.get_bind().dialect.name != "postgresql":
+        pytest.skip("batches adapt where they run in the server: PostgreSQL")
+    ticks = iter(range(10_000))  # every reading of the clock one second later: slow batches
+    monkeypatch.setattr(pruning, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    monkeypatch.setattr(pruning, "BATCH_SIZE", 4)
+    monkeypatch.setattr(pruning, "MIN_BATCH", 1)
+    _run(session, OLD, results=7, artifact_date=OLD)
+    report = prune_results(session, session.commit, 5)
+    # 4 rows took a second, four times BATCH_SECONDS: the next batches take one row each.
+    assert report.deleted == {"artifacts": 7, "results": 7}
+    assert report.batches == 1 + 3 + 1  # the last finds none left
+    _run(session, OLD, results=7, artifact_date=OLD)
+    assert prune_results(session, session.commit, 5, batch_size=4).batches == 2
