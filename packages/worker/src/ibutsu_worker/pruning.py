@@ -14,8 +14,8 @@ each), which one plain DELETE pays alike; the rest is the heap deletes and their
 record of 54 bytes per row; a DELETE adds no index entries, vacuum removes them later), the
 batch's artifacts found through their index, the time index walked for the next batch, and a
 commit (one WAL flush). So batches cost about what one DELETE does, each holding its locks
-for a fraction of a second; their size follows how long the last one took (BATCH_SECONDS), as a
-row costs several times more on a loaded server than on an idle one.
+for a fraction of a second; their size follows how long the last one's DELETE took
+(BATCH_SECONDS), as a row costs several times more on a loaded server than on an idle one.
 """
 
 from __future__ import annotations
@@ -49,11 +49,13 @@ log = logging.getLogger(__name__)
 
 BATCH_SIZE = 10_000
 RUN_BATCH_SIZE = 200
-# Unless the caller fixes the size, a batch grows or shrinks to last about BATCH_SECONDS: far
-# under a second on a loaded server (where a row may cost ten times more), few commits on an
-# idle one. It at most doubles from one batch to the next, and shrinks at once.
-BATCH_SECONDS = 0.25
-MIN_BATCH, MAX_BATCH = 1000, 100_000
+# Unless the caller fixes the size, a batch's DELETE grows or shrinks to last about
+# BATCH_SECONDS: under a second on a loaded server (where a row may cost several times more),
+# few commits on an idle one. Its commit is left out of the measure: a commit's flush costs the
+# same for any size, so counting it would shrink batches into ever more commits on a slow disk.
+# It at most doubles from one batch to the next, and shrinks at once.
+BATCH_SECONDS = 0.5
+MIN_BATCH, MAX_BATCH = 2000, 100_000
 # Retention below these is far more likely a typo than a policy.
 MIN_MONTHS = {"artifacts": 1, "results": 1, "runs": 1}
 MIN_IMPORT_FILE_DAYS = 1
@@ -212,17 +214,20 @@ class Pruner:
             row = self.session.execute(
                 select(func.count(), func.max(gone.c.at), *counts).select_from(gone)
             ).one()
+            deleting = time.perf_counter() - started
             deleted = int(cast(int, row[0]))
             for child, count in zip(children, row[2:], strict=True):
                 assert isinstance(child.table, Table)
                 self.report.count(child.table.name, int(cast(int, count)))
             self.report.count(table.name, deleted)
-            elapsed = self._commit(started)
+            self._commit(started)
             if deleted < size:
                 return
             floor = cast(datetime, row[1])
             if adaptive:
-                size = max(MIN_BATCH, min(MAX_BATCH, 2 * size, int(size * BATCH_SECONDS / elapsed)))
+                size = max(
+                    MIN_BATCH, min(MAX_BATCH, 2 * size, int(size * BATCH_SECONDS / deleting))
+                )
 
     def by_query(
         self, key: Column[Any], ids_query: Select[Any], children: Sequence[Column[Any]] = ()
@@ -250,13 +255,11 @@ class Pruner:
             )
             self.report.count(table.name, done.rowcount)
 
-    def _commit(self, started: float) -> float:
-        """Commit the batch begun at ``started``; its seconds."""
+    def _commit(self, started: float) -> None:
         self.commit()
         elapsed = time.perf_counter() - started
         self.report.batches += 1
         self.report.longest_batch_seconds = max(self.report.longest_batch_seconds, elapsed)
-        return elapsed
 
 
 def prune_artifacts(

@@ -137,8 +137,8 @@ def test_batches_shrink_when_they_take_long_unless_their_size_is_fixed(
     monkeypatch.setattr(pruning, "MIN_BATCH", 1)
     _run(session, OLD, results=7, artifact_date=OLD)
     report = prune_results(session, session.commit, 5)
-    # 4 rows took a second, four times BATCH_SECONDS: the next batches take one row each.
+    # Each DELETE takes a second, twice BATCH_SECONDS: each batch is half the one before.
     assert report.deleted == {"artifacts": 7, "results": 7}
-    assert report.batches == 1 + 3 + 1  # the last finds none left
+    assert report.batches == 4  # 4, 2, 1, then none left
     _run(session, OLD, results=7, artifact_date=OLD)
     assert prune_results(session, session.commit, 5, batch_size=4).batches == 2
