@@ -12,18 +12,24 @@ alert rules and dashboards work unchanged):
   they stopped for HEARTBEAT_MISSES beats (a killed pod, a lost node: kept at 0 for
   FORGET_SECONDS, long enough for any alert) or it said goodbye (worker-offline: a pod
   stopped on purpose, scaled down or replaced, dropped after OFFLINE_FORGET_SECONDS, before
-  an alert that waits a few minutes fires).
+  an alert that waits a few minutes fires). ``hostname`` is the host of the worker's node
+  name, as everywhere (ibutsu_server.metric_labels); two workers of one host are one series,
+  0 if either is down.
 - ``celery_queue_length{queue_name}``: messages waiting, read from the broker at scrape time.
 - ``celery_active_worker_count``, ``celery_active_process_count``,
   ``celery_active_consumer_count{queue_name}``: workers consuming each queue, their pool
-  processes, and their consumers (one per worker and queue on Redis), asked of the workers
-  every INSPECT_SECONDS.
-- ``celery_task_sent_total{name,hostname,queue_name}``: every send. Producers that send
-  task-sent events (ours: the command line, beat, tasks sending follow-ups) are counted when
-  they send; a task first seen when a worker receives it (upstream's API sends no events) is
-  counted then, with hostname "unknown".
-- ``celery_task_queue_wait_time{name,queue_name}``: seconds from a send to the task's start,
-  for sends with an event.
+  processes, and their consumers (one per worker and queue on Redis), as the workers answered
+  when last asked (every INSPECT_SECONDS, and at once when a worker comes online); a worker
+  that said goodbye or went quiet counts no more, and a queue nobody consumes counts 0.
+- ``celery_task_sent_total{name,hostname,queue_name}``: every send, ``hostname`` the
+  producer's host. Producers that send task-sent events (ours: the command line, beat, tasks
+  sending follow-ups) are counted when they send; a task first seen when a worker receives it
+  (upstream's API sends no events) is counted then, its producer named by the message's
+  origin, which our workers add to their task-received events (ibutsu_worker.receipt_origin;
+  "unknown" when another worker received it).
+- ``celery_task_queue_wait_time{name,hostname,queue_name}``: seconds from a send (or its
+  ETA, when later: a countdown or a retry's backoff is no wait) to the task's start on the
+  worker of ``hostname``, for sends with an event.
 
 A standby exports none of these. A new leader counts from zero, which ``rate()`` and
 ``increase()`` take as a counter reset; worker series come back with the first heartbeats,
@@ -40,10 +46,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from celery.utils.time import adjust_timestamp, maybe_iso8601
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from ibutsu_server import task_names
+from ibutsu_server.metric_labels import UNKNOWN, hostname_label
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +65,8 @@ RECONNECT_SECONDS = 5.0
 # Task ids remembered between a send and the task's start (for the wait, and to count a send
 # once when its message is received again).
 REMEMBERED_TASKS = 100_000
-WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+# celery-exporter's buckets for the wait.
+WAIT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
 
 @dataclass
@@ -65,6 +74,10 @@ class _Worker:
     last_seen: float
     beat_seconds: float
     offline: bool = False
+
+    def up(self, now: float) -> bool:
+        """Said no goodbye, and its heartbeats still come."""
+        return not self.offline and now - self.last_seen <= HEARTBEAT_MISSES * self.beat_seconds
 
 
 @dataclass
@@ -95,20 +108,33 @@ class _Waits:
 class _Send:
     name: str
     queue: str
-    sent_at: float | None  # the producer's clock; None when known only from its receipt
+    # When the wait starts, on the producer's clock: the send, or its ETA if later. None when
+    # known only from its receipt, or once started.
+    sent_at: float | None
+
+
+@dataclass
+class _Consumer:
+    """A worker as it answered: the queues it consumes and its pool processes."""
+
+    queues: list[str]
+    processes: int
 
 
 class ClusterState:
     """What the events said, summed up; fed by one thread, read by scrapes."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, queues: Iterable[str] = ()
+    ) -> None:
         self._clock = clock
         self._lock = threading.Lock()
         self._workers: dict[str, _Worker] = {}
         self._sends: OrderedDict[str, _Send] = OrderedDict()
         self._sent: dict[tuple[str, str, str], int] = defaultdict(int)
-        self._waits: dict[tuple[str, str], _Waits] = {}
-        self._queues: dict[str, tuple[int, int]] = {}  # queue: workers, processes
+        self._waits: dict[tuple[str, str, str], _Waits] = {}
+        self._known_queues = set(queues)
+        self._consumers: dict[str, _Consumer] | None = None  # None: not asked yet
 
     def record(self, event: dict[str, Any]) -> None:
         """Take one event (a dict as Celery's event receiver gives it)."""
@@ -123,13 +149,24 @@ class ClusterState:
             elif kind == "task-started":
                 self._started_event(event)
 
-    def set_queues(self, queues: dict[str, tuple[int, int]]) -> None:
-        """Workers and pool processes consuming each queue, as the workers last said."""
+    def set_consumers(self, active_queues: dict[str, Any], stats: dict[str, Any]) -> None:
+        """What the workers answered, by node name: the queues each consumes (Celery's
+        ``inspect().active_queues()``) and its pool (``inspect().stats()``)."""
+        consumers = {
+            str(node): _Consumer(
+                [str(queue.get("name")) for queue in queues or []],
+                # Its pool's processes, as celery-exporter counts them.
+                len(((stats.get(node) or {}).get("pool") or {}).get("processes") or []),
+            )
+            for node, queues in active_queues.items()
+        }
         with self._lock:
-            self._queues = dict(queues)
+            self._consumers = consumers
+            for consumer in consumers.values():
+                self._known_queues.update(consumer.queues)
 
     def _worker_event(self, kind: str, event: dict[str, Any]) -> None:
-        hostname = str(event.get("hostname") or "unknown")
+        hostname = str(event.get("hostname") or UNKNOWN)
         beat = float(event.get("freq") or 2.0)
         worker = self._workers.setdefault(hostname, _Worker(self._clock(), beat))
         worker.last_seen, worker.beat_seconds = self._clock(), beat
@@ -144,8 +181,8 @@ class ClusterState:
     def _sent_event(self, event: dict[str, Any]) -> None:
         name = _task_name(event.get("name"))
         queue = str(event.get("queue") or event.get("routing_key") or DEFAULT_QUEUE)
-        self._sent[(name, str(event.get("hostname") or "unknown"), queue)] += 1
-        self._remember(str(event.get("uuid")), _Send(name, queue, _timestamp(event)))
+        self._sent[(name, hostname_label(event.get("hostname")), queue)] += 1
+        self._remember(str(event.get("uuid")), _Send(name, queue, _wait_starts(event)))
 
     def _received_event(self, event: dict[str, Any]) -> None:
         task_id = str(event.get("uuid"))
@@ -153,7 +190,7 @@ class ClusterState:
             return
         # Sent by a producer that sends no events: counted now, once.
         name = _task_name(event.get("name"))
-        self._sent[(name, "unknown", DEFAULT_QUEUE)] += 1
+        self._sent[(name, hostname_label(event.get("origin")), DEFAULT_QUEUE)] += 1
         self._remember(task_id, _Send(name, DEFAULT_QUEUE, None))
 
     def _started_event(self, event: dict[str, Any]) -> None:
@@ -163,7 +200,7 @@ class ClusterState:
             return
         # Clocks of two hosts: never a negative wait.
         wait = max(started - send.sent_at, 0.0)
-        key = (send.name, send.queue)
+        key = (send.name, hostname_label(event.get("hostname")), send.queue)
         self._waits.setdefault(key, _Waits([0] * len(WAIT_BUCKETS))).observe(wait)
         send.sent_at = None  # a redelivery starts it again: one wait per send
 
@@ -178,22 +215,25 @@ class ClusterState:
         )
         wait = HistogramMetricFamily(
             "celery_task_queue_wait_time",
-            "Seconds from a task's send to its start",
-            labels=["name", "queue_name"],
+            "Seconds from a task's send, or its ETA if later, to its start",
+            labels=["name", "hostname", "queue_name"],
         )
         with self._lock:
-            for hostname, worker in list(self._workers.items()):
+            hosts: dict[str, int] = {}
+            for node, worker in list(self._workers.items()):
                 forget = OFFLINE_FORGET_SECONDS if worker.offline else FORGET_SECONDS
                 if now - worker.last_seen > forget:
-                    del self._workers[hostname]
+                    del self._workers[node]
                     continue
-                quiet = now - worker.last_seen > HEARTBEAT_MISSES * worker.beat_seconds
-                up.add_metric([hostname], 0 if worker.offline or quiet else 1)
+                host = hostname_label(node)
+                hosts[host] = min(hosts.get(host, 1), int(worker.up(now)))
+            for host, value in hosts.items():
+                up.add_metric([host], value)
             for labels, count in self._sent.items():
                 sent.add_metric(list(labels), count)
-            for (name, queue), waits in self._waits.items():
-                wait.add_metric([name, queue], waits.buckets(), waits.seconds)
-            queues = dict(self._queues)
+            for labels, waits in self._waits.items():
+                wait.add_metric(list(labels), waits.buckets(), waits.seconds)
+            consumers = self._consuming(now)
         yield up
         yield sent
         yield wait
@@ -203,15 +243,32 @@ class ClusterState:
         for queue, length in queue_lengths.items():
             lengths.add_metric([queue], length)
         yield lengths
+        if consumers is None:  # the workers were not asked yet: no answer is no zero
+            return
         for metric, help_text, index in (
             ("celery_active_worker_count", "Workers consuming the queue", 0),
             ("celery_active_process_count", "Pool processes of the workers consuming it", 1),
             ("celery_active_consumer_count", "Consumers of the queue (one per worker)", 0),
         ):
             family = GaugeMetricFamily(metric, help_text, labels=["queue_name"])
-            for queue, counts in queues.items():
+            for queue, counts in consumers.items():
                 family.add_metric([queue], counts[index])
             yield family
+
+    def _consuming(self, now: float) -> dict[str, tuple[int, int]] | None:
+        """Workers and pool processes consuming each queue known, 0 for none; a worker
+        that said goodbye or went quiet since it answered counts no more."""
+        if self._consumers is None:
+            return None
+        counts = {queue: (0, 0) for queue in self._known_queues}
+        for node, consumer in self._consumers.items():
+            worker = self._workers.get(node)
+            if worker is not None and not worker.up(now):
+                continue
+            for queue in consumer.queues:
+                workers, processes = counts[queue]
+                counts[queue] = (workers + 1, processes + consumer.processes)
+        return counts
 
 
 def queue_lengths(app: Any) -> dict[str, int]:
@@ -229,12 +286,30 @@ def queue_lengths(app: Any) -> dict[str, int]:
 
 def _task_name(value: Any) -> str:
     # Only known names become labels: every new label value is a new series for good.
-    return value if isinstance(value, str) and value in task_names.ALL else "unknown"
+    return value if isinstance(value, str) and value in task_names.ALL else UNKNOWN
 
 
 def _timestamp(event: dict[str, Any]) -> float | None:
     value = event.get("timestamp")
     return float(value) if isinstance(value, int | float) else None
+
+
+def _wait_starts(sent: dict[str, Any]) -> float | None:
+    """When a sent task starts waiting: at its send, or at its ETA if later (a countdown or a
+    retry's backoff is deliberate, not a wait), as celery-exporter reckons it."""
+    started = _timestamp(sent)
+    try:
+        eta = maybe_iso8601(sent.get("eta"))
+    except (TypeError, ValueError):
+        eta = None
+    if started is None or eta is None:
+        return started
+    eta_timestamp = float(eta.timestamp())
+    offset = sent.get("utcoffset")
+    if isinstance(offset, int | float):
+        # The receiver localised the event's timestamp by the producer's offset: the same.
+        eta_timestamp = float(adjust_timestamp(eta_timestamp, offset))
+    return max(started, eta_timestamp)
 
 
 class ClusterMonitor(Collector):
@@ -244,11 +319,16 @@ class ClusterMonitor(Collector):
     def __init__(self, app: Any, queue_lengths: Callable[[], dict[str, int]]) -> None:
         self.app = app
         self.queue_lengths = queue_lengths
-        self.state = ClusterState()
+        self.state = self._fresh_state()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._receiver: Any = None
         self._next_inspect = 0.0
+
+    def _fresh_state(self) -> ClusterState:
+        # The app's own queues count 0 while nobody consumes them, as celery-exporter's
+        # queues given at its start do.
+        return ClusterState(queues=self.app.amqp.queues.keys())
 
     @property
     def running(self) -> bool:
@@ -258,7 +338,7 @@ class ClusterMonitor(Collector):
         """Start watching, with a fresh state (this replica has just taken the lead)."""
         if self.running:
             return
-        self.state = ClusterState()
+        self.state = self._fresh_state()
         self._stop.clear()
         self._next_inspect = 0.0
         self._thread = threading.Thread(target=self._watch, name="ibutsu-cluster", daemon=True)
@@ -282,9 +362,7 @@ class ClusterMonitor(Collector):
         while not self._stop.is_set():
             try:
                 with self.app.connection_for_read() as connection:
-                    receiver = self.app.events.Receiver(
-                        connection, handlers={"*": self.state.record}
-                    )
+                    receiver = self.app.events.Receiver(connection, handlers={"*": self._record})
                     receiver.on_iteration = self._inspect_when_due
                     self._receiver = receiver
                     # wakeup: every worker sends a heartbeat at once, so worker_up is known
@@ -300,6 +378,11 @@ class ClusterMonitor(Collector):
                 )
                 self._stop.wait(RECONNECT_SECONDS)
 
+    def _record(self, event: dict[str, Any]) -> None:
+        self.state.record(event)
+        if event.get("type") == "worker-online":
+            self._next_inspect = 0.0  # a new worker: ask what it consumes at once
+
     def _inspect_when_due(self) -> None:
         now = time.monotonic()
         if now < self._next_inspect:
@@ -312,11 +395,4 @@ class ClusterMonitor(Collector):
         except Exception as exc:  # the next round tries again
             log.warning("cluster metrics: workers did not answer (%s)", type(exc).__name__)
             return
-        queues: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-        for worker, consumed in active_queues.items():
-            processes = int((stats.get(worker) or {}).get("pool", {}).get("max-concurrency", 0))
-            for queue in consumed or []:
-                counts = queues[str(queue.get("name"))]
-                counts[0] += 1
-                counts[1] += processes
-        self.state.set_queues({queue: (c[0], c[1]) for queue, c in queues.items()})
+        self.state.set_consumers(active_queues, stats)

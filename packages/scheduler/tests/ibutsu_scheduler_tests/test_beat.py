@@ -197,19 +197,25 @@ def test_the_leader_alone_exports_the_cluster(
             beat(service_environ, tmp_path / "standby.log", standby),
             events_app.connection_for_write() as connection,
         ):
-            quiet = events_app.events.Dispatcher(connection, hostname="quiet@test")
-            polite = events_app.events.Dispatcher(connection, hostname="polite@test")
+            quiet = events_app.events.Dispatcher(connection, hostname="celery@quiet-host")
+            polite = events_app.events.Dispatcher(connection, hostname="celery@polite-host")
 
             def heartbeats() -> bool:
                 quiet.send("worker-heartbeat", freq=0.5)
                 polite.send("worker-heartbeat", freq=0.5)
-                return up(leader, "quiet@test") == 1 and up(leader, "polite@test") == 1
+                return up(leader, "quiet-host") == 1 and up(leader, "polite-host") == 1
 
             wait_for(heartbeats, timeout=30)
             polite.send("worker-offline")
-            wait_for(lambda: up(leader, "polite@test") == 0, timeout=10)
+            wait_for(lambda: up(leader, "polite-host") == 0, timeout=10)
             # No more heartbeats from "quiet": five missed beats and it is down.
-            wait_for(lambda: up(leader, "quiet@test") == 0, timeout=10)
+            wait_for(lambda: up(leader, "quiet-host") == 0, timeout=10)
+            # No worker consumes the queue: it counts 0, as celery-exporter says, not nothing.
+            gauges = ("celery_active_worker_count", "celery_active_process_count")
+            wait_for(
+                lambda: [_metric(leader, g, queue_name="celery") for g in gauges] == [0, 0],
+                timeout=10,
+            )
             # Beat's own sends are counted, and the queue they wait in measured.
             wait_for(lambda: _metric(leader, "celery_task_sent_total", name="unknown"), timeout=10)
             assert _metric(leader, "celery_queue_length", queue_name="celery") is not None

@@ -16,13 +16,15 @@ from ibutsu_worker import (  # noqa: E402 - after the metrics folder
     consumer,
     instrumentation,
     leases,
+    receipt_origin,
     shutdown,
 )
 from ibutsu_worker.factory import create_worker_app  # noqa: E402
 
-app = create_worker_app(settings)
+app = create_worker_app(settings, events=receipt_origin.EVENTS)
 app.conf.worker_consumer = consumer.CONSUMER
 consumer.quiet_unacknowledged()
 instrumentation.install(app, settings.metrics)
+receipt_origin.install()
 leases.install(app, settings.visibility_timeout)
 shutdown.install()
