@@ -19,7 +19,8 @@ alert rules and dashboards work unchanged):
 - ``celery_active_worker_count``, ``celery_active_process_count``,
   ``celery_active_consumer_count{queue_name}``: workers consuming each queue, their pool
   processes, and their consumers (one per worker and queue on Redis), as the workers answered
-  when last asked (every INSPECT_SECONDS, and at once when a worker comes online); a worker
+  when last asked (every INSPECT_SECONDS; every UNANSWERED_SECONDS while a worker that sends
+  heartbeats has not answered yet, as a new one: it is counted within seconds); a worker
   that said goodbye or went quiet counts no more, and a queue nobody consumes counts 0.
 - ``celery_task_sent_total{name,hostname,queue_name}``: every send, ``hostname`` the
   producer's host. Producers that send task-sent events (ours: the command line, beat, tasks
@@ -60,6 +61,7 @@ HEARTBEAT_MISSES = 5  # beats (2 s each by default) without a heartbeat: the wor
 FORGET_SECONDS = 3600.0
 OFFLINE_FORGET_SECONDS = 120.0
 INSPECT_SECONDS = 30.0
+UNANSWERED_SECONDS = 5.0
 INSPECT_TIMEOUT = 1.0
 RECONNECT_SECONDS = 5.0
 # Task ids remembered between a send and the task's start (for the wait, and to count a send
@@ -164,6 +166,14 @@ class ClusterState:
             self._consumers = consumers
             for consumer in consumers.values():
                 self._known_queues.update(consumer.queues)
+
+    def unanswered(self) -> bool:
+        """Whether a worker sends heartbeats but was not in the last answer (it has just
+        started, or missed the question: a broadcast reaches only those listening)."""
+        now = self._clock()
+        with self._lock:
+            known = self._consumers or {}
+            return any(w.up(now) and node not in known for node, w in self._workers.items())
 
     def _worker_event(self, kind: str, event: dict[str, Any]) -> None:
         hostname = str(event.get("hostname") or UNKNOWN)
@@ -272,16 +282,13 @@ class ClusterState:
 
 
 def queue_lengths(app: Any) -> dict[str, int]:
-    """Messages waiting in each of the app's queues, as the broker says now."""
-    lengths: dict[str, int] = {}
+    """Messages waiting in each of the app's queues, as the broker says now: the length of
+    the queue's Redis list, read as celery-exporter reads it, through the channel's client,
+    which adds the deployment's key prefix (Kombu's passive ``queue_declare`` looks for the
+    key without it, and so finds every queue of a prefixed deployment missing)."""
     with app.connection_for_read() as connection:
-        channel = connection.default_channel
-        for queue in app.amqp.queues:
-            try:
-                lengths[queue] = int(channel.queue_declare(queue, passive=True).message_count)
-            except Exception:  # a queue not declared yet is empty for our purpose
-                lengths[queue] = 0
-    return lengths
+        client = connection.default_channel.client
+        return {queue: int(client.llen(queue)) for queue in app.amqp.queues}
 
 
 def _task_name(value: Any) -> str:
@@ -323,7 +330,7 @@ class ClusterMonitor(Collector):
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._receiver: Any = None
-        self._next_inspect = 0.0
+        self._last_inspect = float("-inf")
 
     def _fresh_state(self) -> ClusterState:
         # The app's own queues count 0 while nobody consumes them, as celery-exporter's
@@ -340,7 +347,7 @@ class ClusterMonitor(Collector):
             return
         self.state = self._fresh_state()
         self._stop.clear()
-        self._next_inspect = 0.0
+        self._last_inspect = float("-inf")
         self._thread = threading.Thread(target=self._watch, name="ibutsu-cluster", daemon=True)
         self._thread.start()
 
@@ -356,13 +363,20 @@ class ClusterMonitor(Collector):
     def collect(self) -> Iterable[Any]:
         if not self.running:
             return []
-        return list(self.state.collect(self.queue_lengths()))
+        try:
+            lengths = self.queue_lengths()
+        except Exception as exc:  # unknown is no length at all, not an empty queue
+            log.warning("cluster metrics: no queue length (%s)", type(exc).__name__)
+            lengths = {}
+        return list(self.state.collect(lengths))
 
     def _watch(self) -> None:
         while not self._stop.is_set():
             try:
                 with self.app.connection_for_read() as connection:
-                    receiver = self.app.events.Receiver(connection, handlers={"*": self._record})
+                    receiver = self.app.events.Receiver(
+                        connection, handlers={"*": self.state.record}
+                    )
                     receiver.on_iteration = self._inspect_when_due
                     self._receiver = receiver
                     # wakeup: every worker sends a heartbeat at once, so worker_up is known
@@ -378,16 +392,13 @@ class ClusterMonitor(Collector):
                 )
                 self._stop.wait(RECONNECT_SECONDS)
 
-    def _record(self, event: dict[str, Any]) -> None:
-        self.state.record(event)
-        if event.get("type") == "worker-online":
-            self._next_inspect = 0.0  # a new worker: ask what it consumes at once
-
     def _inspect_when_due(self) -> None:
-        now = time.monotonic()
-        if now < self._next_inspect:
+        since = time.monotonic() - self._last_inspect
+        if since < INSPECT_SECONDS and not (
+            since >= UNANSWERED_SECONDS and self.state.unanswered()
+        ):
             return
-        self._next_inspect = now + INSPECT_SECONDS
+        self._last_inspect = time.monotonic()
         try:
             inspect = self.app.control.inspect(timeout=INSPECT_TIMEOUT)
             active_queues = inspect.active_queues() or {}

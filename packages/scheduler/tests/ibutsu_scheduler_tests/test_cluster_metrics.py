@@ -136,12 +136,15 @@ def test_queue_consumers() -> None:
 
     state.set_consumers({}, {})  # nobody answered: every queue counts 0, as celery-exporter's
     assert counts() == (0, 0, 0)
+    assert not state.unanswered()
     for node in ("celery@a", "celery@b"):
         state.record({"type": "worker-heartbeat", "hostname": node, "freq": 2.0})
+    assert state.unanswered()  # workers up that were not asked: ask again soon
     consumed = [{"name": "celery"}]
     pool = {"pool": {"max-concurrency": 4, "processes": [11, 12, 13, 14]}}
     state.set_consumers({"celery@a": consumed, "celery@b": consumed}, {"celery@a": pool})
     assert counts() == (2, 4, 2)
+    assert not state.unanswered()
     state.record({"type": "worker-offline", "hostname": "celery@b"})
     assert counts() == (1, 4, 1)  # a worker that said goodbye consumes no more
     clock.now += 11  # and one whose heartbeats stopped neither

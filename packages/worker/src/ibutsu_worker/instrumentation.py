@@ -87,8 +87,9 @@ def _rejected_counter(app: Celery) -> Any:
     return on_rejected
 
 
-def _on_revoked(request: Any = None, **_kwargs: Any) -> None:
-    metrics.count(metrics.REVOKED, *_labels(None, request))
+def _on_revoked(sender: Any = None, request: Any = None, **_kwargs: Any) -> None:
+    # sender: the task; request: its context, which has no name of its own.
+    metrics.count(metrics.REVOKED, *_labels(sender, request))
 
 
 def install(app: FlaskCelery, settings: MetricsSettings | None) -> None:
