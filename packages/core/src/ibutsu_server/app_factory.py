@@ -9,7 +9,8 @@ from celery.signals import worker_process_init
 from flask import Flask
 
 from ibutsu_server.celery_utils import IbutsuCelery, create_celery, settings_or_exit
-from ibutsu_server.db.engine import Database, make_engine
+from ibutsu_server.db.engine import make_engine
+from ibutsu_server.db.sessions import Database
 from ibutsu_server.ibutsu_task import IbutsuTask
 from ibutsu_server.settings import Role, Settings
 

@@ -31,7 +31,7 @@ from celery.exceptions import Retry
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
-from ibutsu_server.db.engine import Database, after_commit
+from ibutsu_server.db.sessions import Database, after_commit
 from ibutsu_server.settings import Settings
 
 if TYPE_CHECKING:

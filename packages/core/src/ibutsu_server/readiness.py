@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 
-from ibutsu_server.app_factory import FlaskCelery
+from ibutsu_server.celery_utils import IbutsuCelery
 
 PROBE_TIMEOUT_SECONDS = 3
 
 
-def readiness_check(app: FlaskCelery) -> Callable[[], str | None]:
-    """A probe for ``app`` (built by create_flask_celery_app): None when the broker and the
+def readiness_check(app: IbutsuCelery, engine: Engine) -> Callable[[], str | None]:
+    """A probe for ``app`` and its database's ``engine``: None when the broker and the
     database answer, else which one does not. Never names hosts or credentials."""
 
     def check() -> str | None:
@@ -22,7 +22,7 @@ def readiness_check(app: FlaskCelery) -> Callable[[], str | None]:
         except Exception:
             return "broker unreachable"
         try:
-            with app.database.engine.connect() as connection:
+            with engine.connect() as connection:
                 connection.execute(text("SELECT 1"))
         except Exception:
             return "database unreachable"

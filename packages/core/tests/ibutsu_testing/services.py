@@ -112,6 +112,19 @@ def clean_environ(**extra: str) -> dict[str, str]:
     return env
 
 
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python -c code`` in a fresh interpreter (what a role's process would import), with
+    only ``env`` of Ibutsu's, Celery's and PostgreSQL's variables."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env=clean_environ(**env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def wait_for(predicate: Callable[[], T | None], timeout: float = 60.0, interval: float = 0.1) -> T:
     """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
     deadline = time.monotonic() + timeout

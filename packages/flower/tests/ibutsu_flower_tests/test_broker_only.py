@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
-from ibutsu_testing.services import REDIS_URL, clean_environ
+from ibutsu_testing.services import REDIS_URL, run_python
 
 PROBE = """
 import json, sys
@@ -18,14 +17,7 @@ print(json.dumps({"main": app.main, "broker": app.conf.broker_url, "heavy": heav
 
 
 def _probe(**env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", PROBE],
-        env=clean_environ(**env),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_python(PROBE, **env)
 
 
 def test_flower_app_loads_no_database_code() -> None:

@@ -23,8 +23,8 @@ from sqlalchemy import select
 
 from ibutsu_server import task_names
 from ibutsu_server.app_factory import FlaskCelery, create_flask_celery_app
-from ibutsu_server.db.engine import Database
 from ibutsu_server.db.models import Import, ImportFile, ImportStatus, Project, Run, utcnow
+from ibutsu_server.db.sessions import Database
 from ibutsu_server.settings import Role, Settings
 from ibutsu_worker.importing.job import mark_error
 

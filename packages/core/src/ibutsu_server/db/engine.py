@@ -1,17 +1,21 @@
-"""Engines and sessions, and work deferred until a transaction commits."""
+"""Engines: how every role connects to its database. The ORM's side, sessions, is in
+ibutsu_server.db.sessions: the scheduler makes an engine (for readiness) and never a session,
+so it never imports the ORM."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import URL, Engine, create_engine, event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 from ibutsu_server.settings import DatabaseSettings
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 # Recycle connections before common server and proxy idle timeouts drop them.
 POOL_RECYCLE_SECONDS = 1800
@@ -22,7 +26,6 @@ SQLITE_BUSY_TIMEOUT_SECONDS = 30
 # which IbutsuTask retries on a new one.
 PING_AFTER_IDLE_SECONDS = 1.0
 _IDLE_SINCE = "ibutsu_idle_since"
-_AFTER_COMMIT = "ibutsu_after_commit"
 _HOLDS_SESSION_LOCKS = "ibutsu_holds_session_locks"
 
 
@@ -129,39 +132,3 @@ def _release_advisory_locks(dbapi_connection: Any, record: Any) -> None:
         dbapi_connection.commit()
     except Exception:  # a broken connection holds no lock; the pool discards it
         return
-
-
-def after_commit(session: Session, callback: Callable[[], Any]) -> None:
-    """Run ``callback`` once the session's current transaction commits; drop it on rollback.
-
-    Tasks use this to enqueue follow-up work, so no task ever sees uncommitted rows.
-    """
-    session.info.setdefault(_AFTER_COMMIT, []).append(callback)
-
-
-def _run_after_commit(session: Session) -> None:
-    callbacks = session.info.pop(_AFTER_COMMIT, [])
-    for callback in callbacks:
-        callback()
-
-
-def _discard_after_commit(session: Session, previous_transaction: Any) -> None:
-    # A rolled-back savepoint leaves the outer transaction, and its callbacks, alive.
-    if not previous_transaction.nested:
-        session.info.pop(_AFTER_COMMIT, None)
-
-
-def make_session_factory(engine: Engine) -> scoped_session[Session]:
-    """A thread-scoped session registry whose sessions honour :func:`after_commit`."""
-    factory = sessionmaker(bind=engine, expire_on_commit=False)
-    event.listen(factory, "after_commit", _run_after_commit)
-    event.listen(factory, "after_soft_rollback", _discard_after_commit)
-    return scoped_session(factory)
-
-
-class Database:
-    """An engine and its thread-scoped session registry."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.session: scoped_session[Session] = make_session_factory(engine)

@@ -1,0 +1,47 @@
+"""Sessions, and work deferred until a transaction commits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import Engine, event
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
+
+_AFTER_COMMIT = "ibutsu_after_commit"
+
+
+def after_commit(session: Session, callback: Callable[[], Any]) -> None:
+    """Run ``callback`` once the session's current transaction commits; drop it on rollback.
+
+    Tasks use this to enqueue follow-up work, so no task ever sees uncommitted rows.
+    """
+    session.info.setdefault(_AFTER_COMMIT, []).append(callback)
+
+
+def _run_after_commit(session: Session) -> None:
+    callbacks = session.info.pop(_AFTER_COMMIT, [])
+    for callback in callbacks:
+        callback()
+
+
+def _discard_after_commit(session: Session, previous_transaction: Any) -> None:
+    # A rolled-back savepoint leaves the outer transaction, and its callbacks, alive.
+    if not previous_transaction.nested:
+        session.info.pop(_AFTER_COMMIT, None)
+
+
+def make_session_factory(engine: Engine) -> scoped_session[Session]:
+    """A thread-scoped session registry whose sessions honour :func:`after_commit`."""
+    factory = sessionmaker(bind=engine, expire_on_commit=False)
+    event.listen(factory, "after_commit", _run_after_commit)
+    event.listen(factory, "after_soft_rollback", _discard_after_commit)
+    return scoped_session(factory)
+
+
+class Database:
+    """An engine and its thread-scoped session registry."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.session: scoped_session[Session] = make_session_factory(engine)
