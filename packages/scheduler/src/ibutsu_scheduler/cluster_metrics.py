@@ -113,6 +113,9 @@ class _Send:
     # When the wait starts, on the producer's clock: the send, or its ETA if later. None when
     # known only from its receipt, or once started.
     sent_at: float | None
+    retries: int = 0  # which send of the task: a retry is sent again, with one more
+    received_first: bool = False  # counted at its receipt: its task-sent event, if any, is late
+    started: bool = False
 
 
 @dataclass
@@ -189,24 +192,37 @@ class ClusterState:
             self._sends.popitem(last=False)
 
     def _sent_event(self, event: dict[str, Any]) -> None:
+        task_id, retries = str(event.get("uuid")), _retries(event)
         name = _task_name(event.get("name"))
         queue = str(event.get("queue") or event.get("routing_key") or DEFAULT_QUEUE)
-        self._sent[(name, hostname_label(event.get("hostname")), queue)] += 1
-        self._remember(str(event.get("uuid")), _Send(name, queue, _wait_starts(event)))
+        send = _Send(name, queue, _wait_starts(event), retries)
+        known = self._sends.get(task_id)
+        if known is not None and known.received_first and known.retries == retries:
+            # A worker told of this send before its producer did (the events of two hosts
+            # race): counted then, its wait known now unless it has started already.
+            send.sent_at = None if known.started else send.sent_at
+        else:
+            self._sent[(name, hostname_label(event.get("hostname")), queue)] += 1
+        self._remember(task_id, send)
 
     def _received_event(self, event: dict[str, Any]) -> None:
         task_id = str(event.get("uuid"))
         if task_id in self._sends:
             return
-        # Sent by a producer that sends no events: counted now, once.
+        # Sent by a producer that sends no events (or whose event is still on its way):
+        # counted now, once.
         name = _task_name(event.get("name"))
         self._sent[(name, hostname_label(event.get("origin")), DEFAULT_QUEUE)] += 1
-        self._remember(task_id, _Send(name, DEFAULT_QUEUE, None))
+        send = _Send(name, DEFAULT_QUEUE, None, _retries(event), received_first=True)
+        self._remember(task_id, send)
 
     def _started_event(self, event: dict[str, Any]) -> None:
         send = self._sends.get(str(event.get("uuid")))
         started = _timestamp(event)
-        if send is None or send.sent_at is None or started is None:
+        if send is None:
+            return
+        send.started = True
+        if send.sent_at is None or started is None:
             return
         # Clocks of two hosts: never a negative wait.
         wait = max(started - send.sent_at, 0.0)
@@ -294,6 +310,11 @@ def queue_lengths(app: Any) -> dict[str, int]:
 def _task_name(value: Any) -> str:
     # Only known names become labels: every new label value is a new series for good.
     return value if isinstance(value, str) and value in task_names.ALL else UNKNOWN
+
+
+def _retries(event: dict[str, Any]) -> int:
+    value = event.get("retries")
+    return value if isinstance(value, int) else 0
 
 
 def _timestamp(event: dict[str, Any]) -> float | None:

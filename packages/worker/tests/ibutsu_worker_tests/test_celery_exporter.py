@@ -287,6 +287,8 @@ def test_our_metrics_are_celery_exporters_and_its_alerts_fire_on_them(
             submitter.celery.send_task(UPDATE_RUN, args=["x"], expires=expired)  # revoked
             submitter.wait(imports, timeout=60)
 
+            seen: list[tuple[float, ...]] = []  # for the message if they never settle
+
             def settled() -> Capture | None:
                 capture = both()
                 ours, cluster = (_samples(text) for _, text in capture)
@@ -298,9 +300,13 @@ def test_our_metrics_are_celery_exporters_and_its_alerts_fire_on_them(
                     _value(cluster, "celery_task_sent_total", name=UPDATE_RUN, hostname=API_HOST),
                     _value(cluster, "celery_task_queue_wait_time_count", hostname=host),
                 )
+                seen.append(counts)
                 return capture if counts == (3, 4, 1, 3, 4, 3) else None
 
-            healthy = wait_for(settled, timeout=60)
+            try:
+                healthy = wait_for(settled, timeout=60)
+            except AssertionError as exc:
+                raise AssertionError(f"counts {seen[-1]}, not (3, 4, 1, 3, 4, 3)") from exc
             # A failure rate needs a failing series that was there before: the first failure
             # of a kind starts its series (as celery-exporter's), the next ones raise it.
             api_send()  # no run id: TypeError
