@@ -115,7 +115,8 @@ class _Send:
     sent_at: float | None
     retries: int = 0  # which send of the task: a retry is sent again, with one more
     received_first: bool = False  # counted at its receipt: its task-sent event, if any, is late
-    started: bool = False
+    # When and on which host it started, while its wait cannot be known yet.
+    start: tuple[float, str] | None = None
 
 
 @dataclass
@@ -199,8 +200,9 @@ class ClusterState:
         known = self._sends.get(task_id)
         if known is not None and known.received_first and known.retries == retries:
             # A worker told of this send before its producer did (the events of two hosts
-            # race): counted then, its wait known now unless it has started already.
-            send.sent_at = None if known.started else send.sent_at
+            # race): counted then; its wait is known now, even if it has started already.
+            if known.start is not None:
+                self._wait(send, *known.start)
         else:
             self._sent[(name, hostname_label(event.get("hostname")), queue)] += 1
         self._remember(task_id, send)
@@ -219,14 +221,21 @@ class ClusterState:
     def _started_event(self, event: dict[str, Any]) -> None:
         send = self._sends.get(str(event.get("uuid")))
         started = _timestamp(event)
-        if send is None:
+        if send is None or started is None:
             return
-        send.started = True
-        if send.sent_at is None or started is None:
+        host = hostname_label(event.get("hostname"))
+        if send.sent_at is not None:
+            self._wait(send, started, host)
+        elif send.received_first and send.start is None:
+            send.start = (started, host)  # for its task-sent event, if one comes
+
+    def _wait(self, send: _Send, started: float, host: str) -> None:
+        """Observe the wait of ``send``, which started at ``started`` on ``host``: once."""
+        if send.sent_at is None:
             return
         # Clocks of two hosts: never a negative wait.
         wait = max(started - send.sent_at, 0.0)
-        key = (send.name, hostname_label(event.get("hostname")), send.queue)
+        key = (send.name, host, send.queue)
         self._waits.setdefault(key, _Waits([0] * len(WAIT_BUCKETS))).observe(wait)
         send.sent_at = None  # a redelivery starts it again: one wait per send
 

@@ -109,25 +109,28 @@ def test_every_send_counted_once_and_the_wait_from_send_to_start() -> None:
 
 
 def test_a_send_told_of_late_is_counted_once_and_a_retry_again() -> None:
-    """The worker's task-received may reach the leader before the producer's task-sent (two
-    hosts' events race): one send, counted once, its wait known; the retry is a send again."""
+    """The worker's task-received, even its task-started, may reach the leader before the
+    producer's task-sent (two hosts' events race): one send, counted once, its wait known;
+    the retry is a send again."""
     state = ClusterState(Clock())
     base = {"uuid": "a", "name": IMPORT_RESULTS, "retries": 0}
     received = {**base, "type": "task-received", "origin": "gen7@cli-host"}
     sent = {**base, "type": "task-sent", "hostname": "gen7@cli-host", "timestamp": 100.0}
+    started = {**base, "type": "task-started", "hostname": "w@h", "timestamp": 101.0}
     state.record(received)
+    state.record(started)
     state.record(sent)
-    state.record({**base, "type": "task-started", "hostname": "w@h", "timestamp": 101.0})
-    # The worker retries it: sent again, by the worker, received again.
+    # The worker retries it: sent again, by the worker, received and started again.
     state.record({**sent, "hostname": "w@h", "retries": 1, "timestamp": 102.0})
     state.record({**received, "retries": 1})
+    state.record({**started, "retries": 1, "timestamp": 102.5})
     found = samples(state)
     labels = key(("name", IMPORT_RESULTS), ("queue_name", "celery"))
     assert found[("celery_task_sent_total", key(*labels, ("hostname", "cli-host")))] == 1
     assert found[("celery_task_sent_total", key(*labels, ("hostname", "h")))] == 1
     wait = key(*labels, ("hostname", "h"))
-    assert found[("celery_task_queue_wait_time_count", wait)] == 1
-    assert found[("celery_task_queue_wait_time_sum", wait)] == 1.0
+    assert found[("celery_task_queue_wait_time_count", wait)] == 2
+    assert found[("celery_task_queue_wait_time_sum", wait)] == 1.5
 
 
 def test_a_countdown_is_no_wait() -> None:

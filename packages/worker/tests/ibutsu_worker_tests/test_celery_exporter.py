@@ -26,8 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ibutsu_server.celery_utils import create_broker_celery_app
 from ibutsu_server.db.migrate import upgrade
+from ibutsu_server.task_names import PRUNE_OLD_RESULTS, UPDATE_RUN
 from ibutsu_server.task_names import RUN_JUNIT_IMPORT as IMPORT
-from ibutsu_server.task_names import UPDATE_RUN
 from ibutsu_testing.services import (
     celery_process,
     free_port,
@@ -252,9 +252,9 @@ def test_our_metrics_are_celery_exporters_and_its_alerts_fire_on_them(
     api = create_broker_celery_app(settings_for(service_environ))
     api.conf.task_send_sent_event = False
 
-    def api_send(*args: str, count: int = 1) -> None:
+    def api_send(name: str, *args: object, count: int = 1) -> None:
         for _ in range(count):
-            api.send_task(UPDATE_RUN, args=list(args), origin=API_NODE)
+            api.send_task(name, args=list(args), origin=API_NODE)
 
     worker_instance, leader_instance = f"127.0.0.1:{worker_port}", f"127.0.0.1:{leader_port}"
 
@@ -268,7 +268,7 @@ def test_our_metrics_are_celery_exporters_and_its_alerts_fire_on_them(
         return [(worker_instance, _scrape(worker_port)), (leader_instance, _scrape(leader_port))]
 
     def failed(count: int) -> bool:
-        return _value(worker(), "celery_task_failed_total", name=UPDATE_RUN) == count
+        return _value(worker(), "celery_task_failed_total", name=PRUNE_OLD_RESULTS) == count
 
     with _leader(env, tmp_path / "beat.log", leader_port):
         # Nobody consumes the queue yet: celery-exporter says 0, so do we (not nothing).
@@ -282,7 +282,7 @@ def test_our_metrics_are_celery_exporters_and_its_alerts_fire_on_them(
             wait_for(lambda: _value(leader(), "celery_active_process_count") == 2, timeout=30)
             assert _value(leader(), "celery_worker_up", hostname=host) == 1
             imports = [submitter.submit(sample) for _ in range(3)]
-            api_send("8d2e6f6a-4a4b-4c1e-9b5e-000000000001", count=4)
+            api_send(UPDATE_RUN, "8d2e6f6a-4a4b-4c1e-9b5e-000000000001", count=4)
             expired = datetime.now(UTC) - timedelta(minutes=1)
             submitter.celery.send_task(UPDATE_RUN, args=["x"], expires=expired)  # revoked
             submitter.wait(imports, timeout=60)
@@ -309,10 +309,10 @@ def test_our_metrics_are_celery_exporters_and_its_alerts_fire_on_them(
                 raise AssertionError(f"counts {seen[-1]}, not (3, 4, 1, 3, 4, 3)") from exc
             # A failure rate needs a failing series that was there before: the first failure
             # of a kind starts its series (as celery-exporter's), the next ones raise it.
-            api_send()  # no run id: TypeError
+            api_send(PRUNE_OLD_RESULTS, 0)  # a retention of 0 months is refused: a failure
             wait_for(lambda: failed(1), timeout=30)
             first_failure = both()
-            api_send(count=3)
+            api_send(PRUNE_OLD_RESULTS, 0, count=3)
             wait_for(lambda: failed(4), timeout=30)
             failing = both()
             os.killpg(process.pid, signal.SIGKILL)  # no goodbye: a lost node
@@ -320,7 +320,7 @@ def test_our_metrics_are_celery_exporters_and_its_alerts_fire_on_them(
         # Five missed heartbeats: down, consuming nothing; and the queue fills.
         wait_for(lambda: _value(leader(), "celery_worker_up", hostname=host) == 0, timeout=30)
         assert _value(leader(), "celery_active_worker_count", queue_name="celery") == 0
-        api_send("8d2e6f6a-4a4b-4c1e-9b5e-000000000002", count=BACKLOG)
+        api_send(UPDATE_RUN, "8d2e6f6a-4a4b-4c1e-9b5e-000000000002", count=BACKLOG)
         wait_for(lambda: _value(leader(), "celery_queue_length") >= BACKLOG, timeout=30)
         down = [(leader_instance, _scrape(leader_port))]
     submitter.close()
@@ -347,10 +347,14 @@ def test_our_metrics_are_celery_exporters_and_its_alerts_fire_on_them(
     assert hosts == {("worker", host), ("leader", host), ("leader", API_HOST)}
 
     # 2. The mixin's alert rules, unchanged, on those series: quiet while all is well; the
-    # failure rate of update_run; the dead worker; the backlog.
+    # failure rate of prune_old_results; the dead worker; the backlog.
     phases = [(10, healthy), (5, first_failure), (10, failing), (30, down)]
     firing = {
-        20: {"CeleryTaskHighFailRate": [{"job": job, "queue_name": "celery", "name": UPDATE_RUN}]},
+        20: {
+            "CeleryTaskHighFailRate": [
+                {"job": job, "queue_name": "celery", "name": PRUNE_OLD_RESULTS}
+            ]
+        },
         50: {
             "CeleryWorkerDown": [{"job": job, "instance": leader_instance, "hostname": host}],
             "CeleryHighQueueLength": [{"job": job, "queue_name": "celery"}],
