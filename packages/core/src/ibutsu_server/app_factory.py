@@ -3,28 +3,58 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 from celery.signals import worker_process_init
-from flask import Flask
+from sqlalchemy import Engine
 
 from ibutsu_server.celery_utils import IbutsuCelery, create_celery, settings_or_exit
 from ibutsu_server.db.engine import make_engine
-from ibutsu_server.db.sessions import Database
-from ibutsu_server.ibutsu_task import IbutsuTask
-from ibutsu_server.settings import Role, Settings
+from ibutsu_server.settings import DatabaseSettings, Role, Settings
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from ibutsu_server.db.sessions import Database
+
+# By name: Celery resolves it when a task is first made, so a process that runs no task (the
+# scheduler) never imports the ORM it brings.
+TASK_CLASS = "ibutsu_server.ibutsu_task:IbutsuTask"
 
 
 class FlaskCelery(IbutsuCelery):
     """A Celery app whose tasks run in a Flask app context, with the database of its
-    settings: what IbutsuTask reaches, typed."""
+    settings: what IbutsuTask reaches, typed.
+
+    The Flask app and the ORM's session registry are made on first use: the scheduler, built
+    by the same factory, runs no task and asks its database only whether it answers (through
+    :attr:`engine`), so it starts without importing Flask or the ORM."""
 
     def __init__(self, settings: Settings, *args: Any, **kwargs: Any) -> None:
         super().__init__(settings, *args, **kwargs)
         if settings.database is None:
             raise ValueError(f"the {settings.role.value} role has no database settings")
-        self.flask_app = Flask("ibutsu_server")
-        self.database = Database(make_engine(settings.database))
+        self.database_settings: DatabaseSettings = settings.database
+
+    @cached_property
+    def flask_app(self) -> Flask:
+        """The Flask app whose context every task runs in."""
+        from flask import Flask
+
+        return Flask("ibutsu_server")
+
+    @cached_property
+    def engine(self) -> Engine:
+        """The engine of the role's database."""
+        return make_engine(self.database_settings)
+
+    @cached_property
+    def database(self) -> Database:
+        """The engine and the thread-scoped session registry tasks use."""
+        from ibutsu_server.db.sessions import Database
+
+        return Database(self.engine)
 
 
 def create_flask_celery_app(
@@ -37,14 +67,14 @@ def create_flask_celery_app(
     """A Celery app whose every task runs inside a Flask app context with a database session."""
     settings = settings or settings_or_exit(role)
     app = create_celery(
-        settings, app_class=FlaskCelery, include=include, task_cls=IbutsuTask, **celery_kwargs
+        settings, app_class=FlaskCelery, include=include, task_cls=TASK_CLASS, **celery_kwargs
     )
     assert isinstance(app, FlaskCelery)
-    engine = app.database.engine
 
     def _dispose_inherited_pool(**_kwargs: Any) -> None:
         # A forked pool child must not share the parent's sockets: drop them, don't close them.
-        engine.dispose(close=False)
+        if "engine" in vars(app):
+            app.engine.dispose(close=False)
 
     worker_process_init.connect(_dispose_inherited_pool, weak=False)
     return app

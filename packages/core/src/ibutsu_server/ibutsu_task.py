@@ -29,13 +29,15 @@ import redis.exceptions
 from celery import Task
 from celery.exceptions import Retry
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.orm import Session
 
-from ibutsu_server.db.sessions import Database, after_commit
+from ibutsu_server.db.sessions import after_commit
 from ibutsu_server.settings import Settings
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from ibutsu_server.app_factory import FlaskCelery
+    from ibutsu_server.db.sessions import Database
 
 log = logging.getLogger(__name__)
 FIRST_FAILURE_HEADER = "ibutsu_first_failure"

@@ -1,8 +1,9 @@
 """The scheduler's Celery app: the beat schedule, RedBeat's lease and state in Redis.
 
-A broker app with the scheduler's settings, not the worker's Flask one: beat runs no task and
-opens no session (its database is only asked whether it answers, for readiness), so neither
-Flask nor the ORM is imported, and the scheduler starts as fast as the other roles.
+Built by create_flask_celery_app, as the architecture has it; beat runs no task and opens no
+session (its database is only asked whether it answers, for readiness), so the Flask app and
+the ORM, made on first use, are never loaded, and the scheduler starts as fast as the other
+roles.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ibutsu_scheduler.schedule import beat_schedule
-from ibutsu_server.celery_utils import IbutsuCelery, create_celery, settings_or_exit
+from ibutsu_server.app_factory import FlaskCelery, create_flask_celery_app
 from ibutsu_server.settings import Role, Settings
 
 # A beat loop never sleeps longer than this, so the lease is renewed at least this often.
@@ -22,10 +23,10 @@ LEASE_SECONDS = 20
 
 def create_scheduler_app(
     settings: Settings | None = None, schedule: dict[str, dict[str, Any]] | None = None
-) -> IbutsuCelery:
+) -> FlaskCelery:
     """The beat app; ``schedule`` replaces the production schedule (tests drive time with it)."""
-    settings = settings or settings_or_exit(Role.SCHEDULER)
-    app = create_celery(settings)
+    app = create_flask_celery_app(Role.SCHEDULER, settings=settings)
+    settings = app.settings
     app.conf.beat_schedule = schedule if schedule is not None else beat_schedule(settings.retention)
     app.conf.beat_max_loop_interval = MAX_LOOP_INTERVAL
     if settings.embedded_dir is not None:

@@ -14,7 +14,6 @@ from prometheus_client import REGISTRY, Counter, Gauge, generate_latest
 from redbeat import RedBeatScheduler
 
 from ibutsu_scheduler.cluster_metrics import ClusterMonitor, queue_lengths
-from ibutsu_server.db.engine import make_engine
 from ibutsu_server.http_endpoints import Endpoints, serve
 from ibutsu_server.readiness import readiness_check
 from ibutsu_server.settings import Settings
@@ -49,12 +48,10 @@ class _Exported:
             if self.watches_cluster:
                 self.cluster = ClusterMonitor(self.app, lambda: queue_lengths(self.app))
                 REGISTRY.register(self.cluster)
-            if settings.database is None:
-                raise ValueError("the scheduler role has no database settings")
             endpoints = Endpoints(
                 metrics=lambda: generate_latest(REGISTRY),
                 alive=self.app.liveness.check,
-                ready=readiness_check(self.app, make_engine(settings.database)),
+                ready=readiness_check(self.app, self.app.engine),
             )
             self.app.endpoint = serve(settings.metrics, endpoints)
         LEADER.set(1 if self.leads() else 0)

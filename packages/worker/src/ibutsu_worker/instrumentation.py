@@ -116,7 +116,7 @@ def install(app: FlaskCelery, settings: MetricsSettings | None) -> None:
         endpoints = Endpoints(
             metrics=lambda: metrics.render(state),
             alive=app.liveness.check,
-            ready=readiness_check(app, app.database.engine),
+            ready=readiness_check(app, app.engine),
         )
         app.endpoint = serve(settings, endpoints)
 

@@ -1,12 +1,17 @@
-"""Sessions, and work deferred until a transaction commits."""
+"""Sessions, and work deferred until a transaction commits.
+
+The ORM is imported when the first session registry is made, not with this module: IbutsuTask
+imports it, and the scheduler, which runs no task, should not pay for the ORM at start-up."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, event
-from sqlalchemy.orm import Session, scoped_session, sessionmaker
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, scoped_session
 
 _AFTER_COMMIT = "ibutsu_after_commit"
 
@@ -33,6 +38,8 @@ def _discard_after_commit(session: Session, previous_transaction: Any) -> None:
 
 def make_session_factory(engine: Engine) -> scoped_session[Session]:
     """A thread-scoped session registry whose sessions honour :func:`after_commit`."""
+    from sqlalchemy.orm import scoped_session, sessionmaker
+
     factory = sessionmaker(bind=engine, expire_on_commit=False)
     event.listen(factory, "after_commit", _run_after_commit)
     event.listen(factory, "after_soft_rollback", _discard_after_commit)
