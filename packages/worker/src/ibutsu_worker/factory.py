@@ -19,7 +19,10 @@ TASK_MODULES = (
 
 
 def create_worker_app(settings: Settings | None = None, **kwargs: Any) -> FlaskCelery:
-    """The worker's Celery app, with every task module loaded."""
+    """The worker's Celery app, with every task module loaded, its Flask app and session
+    registry made: before the pool forks, so every child shares them instead of loading Flask
+    on its first task."""
     app = create_flask_celery_app(Role.WORKER, settings=settings, include=TASK_MODULES, **kwargs)
     app.loader.import_default_modules()
+    _made_before_fork = (app.flask_app, app.database)
     return app
