@@ -10,7 +10,7 @@ import os
 import re
 import zoneinfo
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -187,6 +187,20 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class RedisSettings:
+    """How to reach Redis beyond what its URLs say: the Sentinel group's master name and the
+    sentinels' own password (``sentinel://`` URLs), the CA and client certificate of TLS
+    (``rediss://`` URLs). One set for every Redis URL of the role: broker, result backend and
+    the scheduler's lease (on the broker)."""
+
+    sentinel_master: str | None = None
+    sentinel_password: str = field(default="", repr=False)
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything a role needs from its environment, already validated."""
 
@@ -207,10 +221,16 @@ class Settings:
     timezone: str
     retention: Retention
     metrics: MetricsSettings | None
+    redis: RedisSettings = field(default_factory=RedisSettings)
 
     @property
     def embedded(self) -> bool:
         return self.embedded_dir is not None
+
+    @property
+    def redis_urls(self) -> dict[str, str]:
+        """The role's Redis URLs by the variable that sets each (broker, result backend)."""
+        return _redis_urls(self.broker_url, self.result_backend)
 
 
 def redact_url(url: str) -> str:
@@ -325,9 +345,69 @@ def _host(url: str) -> str | None:
 
 
 BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "sentinel")
+REDIS_SCHEMES = ("redis", "rediss", "sentinel")
+SENTINEL_VARS = ("IBUTSU_REDIS_SENTINEL_MASTER", "IBUTSU_REDIS_SENTINEL_PASSWORD")
+TLS_VARS = ("IBUTSU_REDIS_TLS_CA_FILE", "IBUTSU_REDIS_TLS_CERT_FILE", "IBUTSU_REDIS_TLS_KEY_FILE")
 BACKEND_SCHEMES = ("redis", "rediss", "sentinel", "rpc", "db+postgresql", "db+sqlite")
 # Result backends that need no host: the broker's own reply queues, an SQLite file.
 HOSTLESS_SCHEMES = ("rpc", "db+sqlite")
+
+
+def _scheme(url: str) -> str:
+    return url.partition("://")[0]
+
+
+def _redis_urls(broker_url: str, result_backend: str | None) -> dict[str, str]:
+    urls = {"CELERY_BROKER_URL": broker_url, "CELERY_RESULT_BACKEND": result_backend or ""}
+    return {name: url for name, url in urls.items() if _scheme(url) in REDIS_SCHEMES}
+
+
+def _readable_file(reader: _Reader, name: str) -> Path | None:
+    value = reader.text(name, required=False)
+    if not value:
+        return None
+    path = Path(value)
+    if not path.is_file() or not os.access(path, os.R_OK):
+        reader.problems.append(f"{name}: {value} is not a readable file")
+    return path
+
+
+def _read_redis(reader: _Reader, urls: Mapping[str, str]) -> RedisSettings:
+    """The Sentinel and TLS variables, checked against the URLs that use them."""
+    schemes = {name: {_scheme(part) for part in url.split(";")} for name, url in urls.items()}
+    sentinel = [name for name, found in schemes.items() if "sentinel" in found]
+    tls = [name for name, found in schemes.items() if "rediss" in found]
+    for name in sentinel:
+        if schemes[name] != {"sentinel"}:
+            reader.problems.append(f"{name} mixes sentinel:// with other URLs")
+    master = reader.text("IBUTSU_REDIS_SENTINEL_MASTER", required=False)
+    if sentinel and not master:
+        reader.problems.append(
+            f"IBUTSU_REDIS_SENTINEL_MASTER is not set (the name of the master {sentinel[0]}'s "
+            "sentinels watch)"
+        )
+    password = reader.environ.get("IBUTSU_REDIS_SENTINEL_PASSWORD", "")
+    settings = RedisSettings(
+        sentinel_master=master or None,
+        sentinel_password=password,
+        tls_ca_file=_readable_file(reader, "IBUTSU_REDIS_TLS_CA_FILE"),
+        tls_cert_file=_readable_file(reader, "IBUTSU_REDIS_TLS_CERT_FILE"),
+        tls_key_file=_readable_file(reader, "IBUTSU_REDIS_TLS_KEY_FILE"),
+    )
+    # Set for nothing is a mistake worth a word: the operator meant some URL to use it.
+    for names, used, kind in (
+        (SENTINEL_VARS, sentinel, "sentinel://"),
+        (TLS_VARS, tls, "rediss://"),
+    ):
+        for name in names:
+            if reader.environ.get(name, "").strip() and not used:
+                reader.problems.append(f"{name} is set but no Redis URL is {kind}")
+    if (settings.tls_cert_file is None) != (settings.tls_key_file is None):
+        reader.problems.append(
+            "IBUTSU_REDIS_TLS_CERT_FILE and IBUTSU_REDIS_TLS_KEY_FILE go together (a client "
+            "certificate and its key)"
+        )
+    return settings
 
 
 def _embedded_requested(role: Role, environ: Mapping[str, str]) -> bool:
@@ -443,6 +523,7 @@ def load_settings(role: Role, environ: Mapping[str, str] | None = None) -> Setti
         )
         if role.needs_database:
             database = _read_database(reader)
+    redis = _read_redis(reader, _redis_urls(broker_url, result_backend))
 
     loglevel = env.get("CELERY_WORKER_LOGLEVEL", "info").strip().lower() or "info"
     if loglevel not in LOG_LEVELS:
@@ -481,4 +562,5 @@ def load_settings(role: Role, environ: Mapping[str, str] | None = None) -> Setti
         timezone=timezone,
         retention=retention,
         metrics=metrics,
+        redis=redis,
     )
