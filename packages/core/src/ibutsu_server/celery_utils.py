@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from celery import Celery
 from celery.signals import after_setup_logger
 
-from ibutsu_server import broker_transport
+from ibutsu_server import broker_transport, redis_connections
 from ibutsu_server.liveness import LoopWatch
 from ibutsu_server.settings import (
     DEFAULT_LIVENESS_SECONDS,
@@ -27,23 +27,26 @@ from ibutsu_server.settings import (
 
 log = logging.getLogger(__name__)
 
-# Seconds a Redis socket may block before the call fails and is retried by the caller.
-REDIS_SOCKET_TIMEOUT = 30
-REDIS_HEALTH_CHECK_INTERVAL = 25
 EMBEDDED_POLLING_INTERVAL = 0.2
 RESTORE_SCAN_SECONDS = 10
 
 
 def settings_or_exit(role: Role) -> Settings:
-    """Load the role's settings, or print every problem and exit with status 2.
+    """Load the role's settings, or print every problem and exit with status 2. The problems
+    include what Redis itself says is wrong with the configuration (a certificate that does
+    not verify, a refused password): no retry can mend those.
 
     Used by the entry points, where a traceback would only hide the message.
     """
     try:
-        return load_settings(role)
+        settings = load_settings(role)
+        problems = redis_connections.startup_problems(settings)
+        if problems:
+            raise ConfigError(role, problems)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         raise SystemExit(2) from None
+    return settings
 
 
 def _broker_transport_options(settings: Settings) -> dict[str, Any]:
@@ -63,15 +66,13 @@ def _broker_transport_options(settings: Settings) -> dict[str, Any]:
         }
     return {
         **_key_prefix(settings),
+        **_sentinel(settings, settings.broker_url),
         # A dead worker's messages come back after the visibility timeout: scanned for every
         # 10 s by every live worker (Kombu's default would scan every 100 s).
         "visibility_timeout": settings.visibility_timeout,
         "unacked_restore_interval": RESTORE_SCAN_SECONDS,
         "unacked_restore_throttle": 1,
-        "socket_timeout": REDIS_SOCKET_TIMEOUT,
-        "socket_connect_timeout": REDIS_SOCKET_TIMEOUT,
-        "health_check_interval": REDIS_HEALTH_CHECK_INTERVAL,
-        "retry_on_timeout": True,
+        **redis_connections.connection_options(),
     }
 
 
@@ -80,13 +81,30 @@ def _key_prefix(settings: Settings) -> dict[str, str]:
     return {"global_keyprefix": settings.redis_key_prefix} if settings.redis_key_prefix else {}
 
 
+def _sentinel(settings: Settings, url: str | None) -> dict[str, Any]:
+    if not (url or "").startswith("sentinel://"):
+        return {}
+    return redis_connections.sentinel_options(settings.redis)
+
+
+def _tls(settings: Settings, url: str | None) -> dict[str, Any] | None:
+    if not (url or "").startswith("rediss://"):
+        return None
+    return redis_connections.tls_options(settings.redis)
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery settings every role shares, as plain Celery configuration keys."""
     return {
         "broker_url": settings.broker_url,
         "result_backend": settings.result_backend,
-        "result_backend_transport_options": _key_prefix(settings),
+        "result_backend_transport_options": {
+            **_key_prefix(settings),
+            **_sentinel(settings, settings.result_backend),
+        },
         "broker_transport_options": _broker_transport_options(settings),
+        "broker_use_ssl": _tls(settings, settings.broker_url),
+        "redis_backend_use_ssl": _tls(settings, settings.result_backend),
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         # JSON only: pickle from a shared broker would be remote code execution.
@@ -104,9 +122,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_soft_shutdown_timeout": float(settings.soft_shutdown_seconds),
         "result_expires": settings.result_expires,
         "result_extended": False,
-        "redis_socket_timeout": REDIS_SOCKET_TIMEOUT,
-        "redis_socket_connect_timeout": REDIS_SOCKET_TIMEOUT,
-        "redis_backend_health_check_interval": REDIS_HEALTH_CHECK_INTERVAL,
+        "redis_socket_timeout": redis_connections.SOCKET_TIMEOUT,
+        "redis_socket_connect_timeout": redis_connections.SOCKET_TIMEOUT,
+        "redis_backend_health_check_interval": redis_connections.HEALTH_CHECK_INTERVAL,
+        "redis_socket_keepalive": True,
         "redis_retry_on_timeout": True,
         "worker_concurrency": settings.worker_concurrency,
         "worker_send_task_events": True,
@@ -147,7 +166,7 @@ def create_celery(
     **kwargs: Any,
 ) -> IbutsuCelery:
     """Build a configured Celery app for ``settings`` and log where it points (redacted)."""
-    broker_transport.use_for_redis_urls()
+    broker_transport.install()
     app = app_class(settings, f"ibutsu_{settings.role.value}", include=list(include), **kwargs)
     app.conf.update(celery_config(settings))
     level = settings.worker_loglevel.upper()

@@ -2,19 +2,21 @@
 visibility timeout (90 s by default), however long a live worker's tasks run.
 
 With the Redis broker, every message a worker has taken but not yet acknowledged sits in the
-``unacked`` index with the time it was taken; every live worker scans that index every 10 s and
-hands each message older than the visibility timeout to another worker. A live worker renews
-its own messages here, a few times per visibility timeout, from its main process: they never
-look abandoned, while a dead worker's (an OOM-killed pod, a lost node) stop being renewed and
-come back within the timeout plus one scan. The running task needs no help to be found: the
-late redelivery of its message finds the work done and does nothing.
+``unacked`` index with the time it was taken, and ours are marked as ours
+(ibutsu_server.broker_transport); every live worker scans that index every 10 s and hands each
+message of ours older than the visibility timeout to another worker. A live worker renews its
+own messages here, a few times per visibility timeout, from its main process: they never look
+abandoned (to our workers, nor to upstream's, whose timeout is longer), while a dead worker's
+(an OOM-killed pod, a lost node) stop being renewed and come back within the timeout plus one
+scan. The running task needs no help to be found: the late redelivery of its message finds the
+work done and does nothing. Renewals go wherever the broker connection goes: to the new
+primary after a failover.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import Any
 
 from celery import Celery
@@ -66,9 +68,7 @@ class LeaseKeeper(threading.Thread):
             return
         with self.app.connection_for_read() as connection:
             channel: Any = connection.default_channel
-            now = time.time()
-            # XX: only renew what is still there; an acknowledged message stays gone.
-            channel.client.zadd(channel.unacked_index_key, dict.fromkeys(tags, now), xx=True)
+            channel.renew(tags)
 
 
 def install(app: Celery, visibility_timeout: int) -> None:
