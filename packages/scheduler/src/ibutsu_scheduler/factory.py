@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ibutsu_scheduler.schedule import beat_schedule
+from ibutsu_server import redis_connections
 from ibutsu_server.app_factory import FlaskCelery, create_flask_celery_app
 from ibutsu_server.settings import Role, Settings
 
@@ -37,4 +38,9 @@ def create_scheduler_app(
         app.conf.redbeat_redis_url = settings.broker_url
         app.conf.redbeat_key_prefix = f"{settings.redis_key_prefix}redbeat:"  # as RedBeat's default
         app.conf.redbeat_lock_timeout = LEASE_SECONDS
+        # RedBeat takes the client it finds on the app: ours reaches every kind of Redis (its
+        # own handles no Sentinel password, no READONLY) with the broker's bounds.
+        app.redbeat_redis = redis_connections.client(
+            settings.broker_url, settings.redis, decode_responses=True
+        )
     return app

@@ -1,22 +1,31 @@
 """Beat schedulers that export what they send and whether this replica leads.
 
 RedBeat keeps the schedule's state in Redis (a restarted scheduler neither repeats nor skips
-a slot) and lets only the holder of a short Redis lease send; standbys wait on the lease.
+a slot) and lets only the holder of a short Redis lease send; standbys wait on the lease. A
+leader that cannot renew its lease (the broker lost, failing over, or a primary demoted to
+replica) stops sending and stands by: it takes the lease again, at its next loop, once it is
+free and the broker answers; RedBeat alone would exit.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 from celery.beat import PersistentScheduler
 from prometheus_client import REGISTRY, Counter, Gauge, generate_latest
 from redbeat import RedBeatScheduler
+from redbeat.schedulers import LUA_EXTEND_TO_SCRIPT, get_redis
+from redis.exceptions import RedisError
 
 from ibutsu_scheduler.cluster_metrics import ClusterMonitor, queue_lengths
 from ibutsu_server.http_endpoints import Endpoints, serve
+from ibutsu_server.ibutsu_task import one_line
 from ibutsu_server.readiness import readiness_check
 from ibutsu_server.settings import Settings
+
+log = logging.getLogger(__name__)
 
 LEADER = Gauge("ibutsu_beat_leader", "1 when this scheduler replica holds the lease and sends")
 SENDS = Counter("ibutsu_beat_sends", "Periodic tasks sent", ["entry"])
@@ -92,11 +101,48 @@ class IbutsuRedBeatScheduler(_Exported, RedBeatScheduler):  # type: ignore[misc]
     a standby takes over when the leader's lease (redbeat_lock_timeout) runs out."""
 
     watches_cluster = True
+    lock: Any = None
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        try:
+            if self.lock is None and not self._take_lease():
+                return self._stand_by()
+            return super().tick(*args, **kwargs)
+        except RedisError as exc:
+            if self.lock is not None:
+                log.warning(
+                    "beat: the lease could not be renewed (%s); standing by until it can be "
+                    "taken again",
+                    one_line(exc),
+                )
+                self.lock = None
+            return self._stand_by()
+
+    def _take_lease(self) -> bool:
+        """Take the lease if it is free (as RedBeat does at start-up, without waiting)."""
+        client = get_redis(self.app)
+        lock = client.lock(self.lock_key, timeout=self.lock_timeout, sleep=self.max_interval)
+        lock.lua_extend = client.register_script(LUA_EXTEND_TO_SCRIPT)
+        if not lock.acquire(blocking=False):
+            return False
+        log.info("beat: took the lease")
+        self.lock = lock
+        return True
+
+    def _stand_by(self) -> float:
+        self.app.liveness.tick()  # waiting for the lease is this loop's work now
+        LEADER.set(0)
+        if self.cluster is not None:
+            self.cluster.stop()
+        return float(self.max_interval)
 
     def close(self) -> None:
         if self.cluster is not None:
             self.cluster.stop()
-        super().close()
+        try:
+            super().close()
+        except RedisError as exc:  # the lease runs out on its own
+            log.warning("beat: the lease could not be released (%s)", one_line(exc))
 
     def leads(self) -> bool:
         return self.lock is not None and bool(self.lock.owned())
