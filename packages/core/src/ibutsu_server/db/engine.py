@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import URL, Engine, create_engine, event
 from sqlalchemy import exc as sa_exc
 
+from ibutsu_server.db import watchdog
 from ibutsu_server.settings import DatabaseSettings
 
 if TYPE_CHECKING:
@@ -53,7 +54,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def make_engine(settings: DatabaseSettings, **kwargs: Any) -> Engine:
-    """An engine with health checks on checkout and connection recycling."""
+    """An engine with health checks on checkout, connection recycling, keepalives and the
+    watch on silent connections (ibutsu_server.db.watchdog)."""
     url = database_url(settings)
     if settings.sqlite_path is not None:
         settings.sqlite_path.parent.mkdir(parents=True, exist_ok=True)
@@ -63,7 +65,7 @@ def make_engine(settings: DatabaseSettings, **kwargs: Any) -> Engine:
     engine = create_engine(
         url,
         pool_recycle=POOL_RECYCLE_SECONDS,
-        connect_args={"connect_timeout": 10, "application_name": "ibutsu-tasks"},
+        connect_args={**watchdog.connect_args(), "application_name": "ibutsu-tasks"},
         **kwargs,
     )
     event.listen(engine, "connect", _mark_idle)
