@@ -3,8 +3,9 @@
 RedBeat keeps the schedule's state in Redis (a restarted scheduler neither repeats nor skips
 a slot) and lets only the holder of a short Redis lease send; standbys wait on the lease. A
 leader that cannot renew its lease (the broker lost, failing over, or a primary demoted to
-replica) stops sending and stands by: it takes the lease again, at its next loop, once it is
-free and the broker answers; RedBeat alone would exit.
+replica) stops sending and stands by, keeping the lease's token: once the broker answers again
+(the new primary, which has the lease if it was replicated) it renews it and goes on, or takes
+it again once it is free. RedBeat alone would exit.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from celery.beat import PersistentScheduler
 from prometheus_client import REGISTRY, Counter, Gauge, generate_latest
 from redbeat import RedBeatScheduler
 from redbeat.schedulers import LUA_EXTEND_TO_SCRIPT, get_redis
-from redis.exceptions import RedisError
+from redis.exceptions import LockError, RedisError
 
 from ibutsu_scheduler.cluster_metrics import ClusterMonitor, queue_lengths
 from ibutsu_server.http_endpoints import Endpoints, serve
@@ -26,6 +27,9 @@ from ibutsu_server.readiness import readiness_check
 from ibutsu_server.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# How often a scheduler whose broker is away tries it again.
+BROKER_RETRY_SECONDS = 1.0
 
 LEADER = Gauge("ibutsu_beat_leader", "1 when this scheduler replica holds the lease and sends")
 SENDS = Counter("ibutsu_beat_sends", "Periodic tasks sent", ["entry"])
@@ -102,21 +106,29 @@ class IbutsuRedBeatScheduler(_Exported, RedBeatScheduler):  # type: ignore[misc]
 
     watches_cluster = True
     lock: Any = None
+    _broker_away = False
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
         try:
             if self.lock is None and not self._take_lease():
-                return self._stand_by()
-            return super().tick(*args, **kwargs)
-        except RedisError as exc:
-            if self.lock is not None:
-                log.warning(
-                    "beat: the lease could not be renewed (%s); standing by until it can be "
-                    "taken again",
-                    one_line(exc),
-                )
-                self.lock = None
+                delay = self._stand_by()
+            else:
+                delay = super().tick(*args, **kwargs)
+        except LockError as exc:  # the lease ran out (or was lost with a primary): take it again
+            log.warning("beat: the lease is lost (%s); standing by until it is free", one_line(exc))
+            self.lock = None
             return self._stand_by()
+        except RedisError as exc:
+            # The broker is away or failing over: keep the lease's token, so that the next
+            # loop renews it on the new primary if it got there, and send nothing meanwhile.
+            if not self._broker_away:
+                log.warning("beat: the broker is away (%s); standing by", one_line(exc))
+                self._broker_away = True
+            return min(self._stand_by(), BROKER_RETRY_SECONDS)
+        if self._broker_away:
+            log.info("beat: the broker answers again")
+            self._broker_away = False
+        return delay
 
     def _take_lease(self) -> bool:
         """Take the lease if it is free (as RedBeat does at start-up, without waiting)."""
