@@ -24,6 +24,7 @@ connections already do the same (redis-py asks the sentinels for the new primary
 
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
 from collections.abc import Iterator
@@ -35,6 +36,8 @@ from redis import exceptions as redis_errors
 from redis.sentinel import Sentinel
 
 from ibutsu_server.settings import RedisSettings, Settings
+
+log = logging.getLogger(__name__)
 
 SOCKET_TIMEOUT = 10.0
 HEALTH_CHECK_INTERVAL = 10
@@ -62,9 +65,12 @@ class _ReadOnlyIsReconnect:
             return super().read_response(*args, **kwargs)  # type: ignore[misc]
         except redis_errors.ReadOnlyError:
             self.disconnect()  # type: ignore[attr-defined]
+            where = f"{getattr(self, 'host', '?')}:{getattr(self, 'port', '?')}"
+            log.warning(
+                "Redis at %s is a read-only replica now (a switch-over): reconnecting", where
+            )
             raise redis_errors.ConnectionError(
-                "the server is a read-only replica now (a switch-over): reconnecting to the "
-                "primary"
+                f"Redis at {where} is a read-only replica now: reconnecting to the primary"
             ) from None
 
 
