@@ -12,16 +12,12 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select, text
 
 from ibutsu_server import task_names
 from ibutsu_server.db.migrate import upgrade
-from ibutsu_server.db.models import Result, Run, utcnow
 from ibutsu_testing.private import private_postgres, private_redis
 from ibutsu_testing.services import (
     celery_process,
@@ -31,50 +27,16 @@ from ibutsu_testing.services import (
     settings_for,
     wait_for,
 )
-from ibutsu_worker.importing.broker_scan import queued_import_ids
-from ibutsu_worker.importing.recovery import PENDING_GRACE_SECONDS, recover
-from ibutsu_worker.submission import Outcome, SubmissionError, Submitter
-
-APP = "ibutsu_server:worker_app"
-
-
-def report(path: Path, cases: int) -> Path:
-    with path.open("w") as out:
-        out.write('<testsuites><testsuite name="faults">\n')
-        out.writelines(
-            f'<testcase classname="pkg.Mod{n % 50}" name="test_{n}" time="0.01"/>\n'
-            for n in range(cases)
-        )
-        out.write("</testsuite></testsuites>\n")
-    return path
-
-
-def figure(name: str, value: str) -> None:
-    print(f"[fault] {name}: {value}", flush=True)
-
-
-def counts(submitter: Submitter) -> tuple[int, int]:
-    with submitter.db.engine.connect() as connection:
-        runs = connection.scalar(select(func.count()).select_from(Run))
-        results = connection.scalar(select(func.count()).select_from(Result))
-    return int(runs or 0), int(results or 0)
-
-
-def copying(submitter: Submitter) -> bool:
-    """An import is streaming its results in (its COPY runs)."""
-    with submitter.db.engine.connect() as connection:
-        query = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY results%'"
-        return bool(connection.scalar(text(query)))
-
-
-@contextmanager
-def deployed_worker(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A worker started with upstream's own command line (its worker image's), Gossip and
-    Mingle included as they are in a deployment."""
-    command = ["worker", "--events", "--loglevel=info", "--concurrency=2", "--hostname=w@%n"]
-    ready = lambda: "ready." in log.read_text(errors="replace")  # noqa: E731
-    with celery_process(APP, command, env, log, ready=ready) as process:
-        yield process
+from ibutsu_worker.submission import Submitter
+from ibutsu_worker_tests.fault_support import (
+    APP,
+    copying,
+    counts,
+    deployed_worker,
+    figure,
+    finish,
+    report,
+)
 
 
 def children(pid: int) -> list[int]:
@@ -183,7 +145,7 @@ def test_a_broker_restart_during_a_burst_loses_and_doubles_nothing(
                 import_ids += [submitter.submit(small) for _ in range(imports // 10)]
                 if batch == 4:
                     broker.restart()  # mid-burst, with the worker busy
-            outcomes = _finish(submitter, import_ids)
+            outcomes = finish(submitter, import_ids)
             assert worker.poll() is None  # the worker survived the restart
         elapsed = time.monotonic() - started
         assert [o.status for o in outcomes] == ["done"] * imports
@@ -193,38 +155,6 @@ def test_a_broker_restart_during_a_burst_loses_and_doubles_nothing(
         assert "Traceback" not in text_log
         submitter.close()
     figure("Redis restarted during 1,000 imports", f"all done, exact rows, {elapsed:.1f} s")
-
-
-def _finish(submitter: Submitter, import_ids: list[str]) -> list[Outcome]:
-    """Wait for the imports, doing every 20 s what the scheduler's periodic check does (its
-    grace passed: ``now`` moved on): queue again any import whose message the broker lost.
-    Messages the worker held at the restart come back after the visibility timeout (90 s)."""
-    deadline = time.monotonic() + 110
-    requeued = 0
-    while True:
-        try:
-            outcomes = submitter.wait(import_ids, timeout=20)
-            break
-        except SubmissionError:
-            if time.monotonic() > deadline:
-                raise
-        session = submitter.db.session()
-        try:
-            later = utcnow() + timedelta(seconds=PENDING_GRACE_SECONDS + 1)
-            found = recover(
-                session,
-                submitter.settings.import_limits,
-                lambda: queued_import_ids(submitter.celery),
-                now=later,
-            )
-            session.commit()
-        finally:
-            submitter.db.session.remove()
-        for import_id in found.requeue:
-            submitter.celery.send_task(task_names.IMPORT_RESULTS, args=[str(import_id)])
-        requeued += len(found.requeue)
-    figure("imports whose message the restart lost, queued again", str(requeued))
-    return outcomes
 
 
 # --- the database stopped -------------------------------------------------------------------
