@@ -7,8 +7,9 @@ ways production networks do, on command:
 - ``retarget(port)``: send new connections to another server while the open ones stay where
   they are: a managed Redis endpoint after a switch-over.
 - ``cut_replies(commands, every)``: for Redis, drop every ``every``-th non-empty reply to one
-  of ``commands`` and close both sides of its connection instead of delivering it: the server
-  did the command, the client never hears of it.
+  of ``commands`` (names, or ``EVALSHA <sha>`` for one script) and reset both sides of its
+  connection instead of delivering it: the server did the command, the client never hears
+  of it. Only connections made after the call are followed.
 
 It runs an asyncio loop in a thread of the test process.
 """
@@ -28,23 +29,31 @@ CHUNK = 65536
 
 
 class _Resp:
-    """Splits a stream of RESP2 values into whole values, as bytes come."""
+    """Splits a stream of RESP values (RESP2, and RESP3, which redis-py speaks) into whole
+    values, as bytes come."""
 
     def __init__(self) -> None:
         self.buffer = bytearray()
 
-    def feed(self, data: bytes) -> list[tuple[bytes, object]]:
-        """Whole values now available: (their bytes, the value: a list of arguments for an
-        array of bulk strings, None for a nil, else the bytes)."""
+    def feed(self, data: bytes) -> list[tuple[bytes, object, bool]]:
+        """Whole values now available: (their bytes, the value, whether it is a push). A
+        value is a list for an aggregate, None for a null, else the bytes of its line."""
         self.buffer += data
-        values: list[tuple[bytes, object]] = []
-        while True:
+        values: list[tuple[bytes, object, bool]] = []
+        while self.buffer:
             parsed = _value(self.buffer, 0)
             if parsed is None:
-                return values
+                break
             end, value = parsed
-            values.append((bytes(self.buffer[:end]), value))
+            values.append((bytes(self.buffer[:end]), value, self.buffer[:1] == b">"))
             del self.buffer[:end]
+        return values
+
+
+# RESP types by their first byte: one line, a length then the bytes, or a count of values.
+_LINES = b"+-:_#,("
+_LENGTHS = b"$=!"
+_COUNTS = {b"*": 1, b"~": 1, b">": 1, b"%": 2, b"|": 2}
 
 
 def _value(buffer: bytearray, start: int) -> tuple[int, object] | None:
@@ -54,13 +63,18 @@ def _value(buffer: bytearray, start: int) -> tuple[int, object] | None:
         return None
     kind, head = bytes(buffer[start : start + 1]), bytes(buffer[start + 1 : line_end])
     after = line_end + 2
-    if kind in (b"+", b"-", b":"):
+    if kind in (b"_",):
+        return after, None
+    if kind in _LINES:
         return after, head
-    if kind == b"$":
+    if kind in _LENGTHS:
         return _bulk(buffer, after, int(head))
-    if kind == b"*":
-        return _array(buffer, after, int(head))
-    raise ValueError(f"not RESP2: {bytes(buffer[start : start + 20])!r}")
+    if kind in _COUNTS:
+        items = _array(buffer, after, int(head) * _COUNTS[kind])
+        if kind == b"|" and items is not None:  # an attribute: the value follows it
+            return _value(buffer, items[0])
+        return items
+    raise ValueError(f"not RESP: {bytes(buffer[start : start + 20])!r}")
 
 
 def _bulk(buffer: bytearray, start: int, length: int) -> tuple[int, object] | None:
@@ -221,11 +235,11 @@ class _Link:
 
     def commands(self, data: bytes) -> tuple[bytes, bool]:
         if self.cut is not None:
-            for _raw, value in self.requests.feed(data):
-                name = value[0].upper() if isinstance(value, list) and value else b""
+            for _raw, value, _push in self.requests.feed(data):
+                name = _command(value)
                 if name in (b"SUBSCRIBE", b"PSUBSCRIBE"):
                     self.cut = None  # pushes come unasked from now on: not followed
-                self.sent.append(bytes(name))
+                self.sent.append(name)
         return data, False
 
     def replies(self, data: bytes) -> tuple[bytes, bool]:
@@ -233,8 +247,8 @@ class _Link:
         if cut is None:
             return data, False
         forward = bytearray()
-        for raw, value in self.answers.feed(data):
-            name = self.sent.popleft() if self.sent else b""
+        for raw, value, push in self.answers.feed(data):
+            name = b"" if push or not self.sent else self.sent.popleft()
             if name in cut.commands and value is not None:
                 cut.seen += 1
                 if cut.seen % cut.every == 0:
@@ -242,6 +256,16 @@ class _Link:
                     return bytes(forward), True
             forward += raw
         return bytes(forward), False
+
+
+def _command(value: object) -> bytes:
+    """A request's name, upper case; for EVALSHA, with the script's SHA-1 (``EVALSHA <sha>``)."""
+    if not isinstance(value, list) or not value or not isinstance(value[0], bytes):
+        return b""
+    name = value[0].upper()
+    if name == b"EVALSHA" and len(value) > 1 and isinstance(value[1], bytes):
+        return name + b" " + value[1].upper()
+    return name
 
 
 @contextmanager

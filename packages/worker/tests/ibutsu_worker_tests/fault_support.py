@@ -135,10 +135,13 @@ def beat_slots(log: Path, period: float) -> tuple[int, int, float]:
     return len(times), sum(gap < period / 2 for gap in gaps), max(gaps, default=0.0)
 
 
-def finish(submitter: Submitter, import_ids: list[str], deadline: float = 110) -> list[Outcome]:
+def finish(
+    submitter: Submitter, import_ids: list[str], deadline: float = 110
+) -> tuple[list[Outcome], int]:
     """Wait for the imports, doing every 20 s what the scheduler's periodic check does (its
     grace passed: ``now`` moved on): queue again any import whose message the broker lost.
-    Messages the worker held at the outage come back after the visibility timeout."""
+    Messages the worker held at the outage come back after the visibility timeout. The
+    outcomes, and how many imports had to be queued again (their message was lost)."""
     until = time.monotonic() + deadline
     requeued = 0
     while True:
@@ -163,5 +166,4 @@ def finish(submitter: Submitter, import_ids: list[str], deadline: float = 110) -
         for import_id in found.requeue:
             submitter.celery.send_task(task_names.IMPORT_RESULTS, args=[str(import_id)])
         requeued += len(found.requeue)
-    figure("imports whose message the broker lost, queued again", str(requeued))
-    return outcomes
+    return outcomes, requeued

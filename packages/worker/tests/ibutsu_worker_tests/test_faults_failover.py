@@ -108,7 +108,7 @@ def test_a_sentinel_primary_killed_during_1000_imports(tmp_path: Path) -> None:
             wait_for(lambda: group.all_sentinels_agree_on(group.nodes[1].port), timeout=30)
             promoted = time.time()
             flowing = first_done_after(submitter, promoted, done(submitter))
-            outcomes = finish(submitter, import_ids)
+            outcomes, requeued = finish(submitter, import_ids)
             elapsed = time.monotonic() - started
             wait_for(lambda: flower_lists(flower_port, WORKERS), timeout=30, interval=1)
             sends, twice, longest = beat_figures(tmp_path)
@@ -130,6 +130,7 @@ def test_a_sentinel_primary_killed_during_1000_imports(tmp_path: Path) -> None:
     figure("  kill to promotion (Sentinel)", f"{promoted - killed:.1f} s")
     figure("  promotion to the next import done", f"{flowing:.1f} s")
     figure("  imports done exactly once, exact rows", f"{IMPORTS}, lost 0, doubled 0")
+    figure("  of which queued again (their message was on the old primary only)", str(requeued))
     figure("  beat every 2 s: sends, sent twice, longest gap", f"{sends}, {twice}, {longest:.1f} s")
     figure("  Flower lists both workers after the failover", "yes")
     figure("  all 1,000 done after", f"{elapsed:.1f} s")
@@ -164,12 +165,13 @@ def test_a_managed_switch_over_with_live_connections(tmp_path: Path) -> None:
             endpoint.retarget(replica.port)  # new connections only
             switched = time.time()
             flowing = first_done_after(submitter, switched, done(submitter))
-            outcomes = finish(submitter, import_ids)
+            outcomes, requeued = finish(submitter, import_ids)
             elapsed = time.monotonic() - started
             sends, twice, longest = beat_figures(tmp_path)
             check_fleet(processes, tmp_path)
         assert primary.role() == "slave" and replica.role() == "master"
         assert [o.status for o in outcomes] == ["done"] * IMPORTS
+        assert requeued == 0  # writes were paused until the replica had them all
         assert counts(submitter) == (IMPORTS, IMPORTS * CASES)
         submitter.close()
     readonly = [
@@ -185,6 +187,7 @@ def test_a_managed_switch_over_with_live_connections(tmp_path: Path) -> None:
     figure("  time to notice (first READONLY seen)", f"{min(readonly) - switched:.1f} s")
     figure("  switch to the next import done", f"{flowing:.1f} s")
     figure("  imports done exactly once, exact rows", f"{IMPORTS}, lost 0, doubled 0")
+    figure("  of which queued again (message lost)", str(requeued))
     figure("  beat every 2 s: sends, sent twice, longest gap", f"{sends}, {twice}, {longest:.1f} s")
     figure("  all 1,000 done after", f"{elapsed:.1f} s")
 
@@ -218,7 +221,7 @@ def test_tls_with_a_client_certificate_and_a_wrong_ca(tmp_path: Path) -> None:
         submitter = Submitter(settings_for(env))
         upgrade(submitter.db.engine)
         with fleet(env, tmp_path) as processes:
-            outcomes = finish(submitter, submit_all(submitter, small, 100))
+            outcomes, _ = finish(submitter, submit_all(submitter, small, 100))
             check_fleet(processes, tmp_path)
         assert [o.status for o in outcomes] == ["done"] * 100
         assert counts(submitter) == (100, 100 * CASES)
