@@ -6,8 +6,8 @@ ways production networks do, on command:
   forwards what waited and goes on.
 - ``retarget(port)``: send new connections to another server while the open ones stay where
   they are: a managed Redis endpoint after a switch-over.
-- ``cut_replies(commands, every)``: for Redis, drop every ``every``-th non-empty reply to one
-  of ``commands`` (names, or ``EVALSHA <sha>`` for one script) and reset both sides of its
+- ``cut_replies(commands, every)``: for Redis, drop one in ``every`` non-empty replies (drawn
+  at random, seeded) to one of ``commands`` (names, or ``EVALSHA <sha>`` for one script) and reset both sides of its
   connection instead of delivering it: the server did the command, the client never hears
   of it. Only connections made after the call are followed.
 
@@ -17,8 +17,9 @@ It runs an asyncio loop in a thread of the test process.
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -102,8 +103,10 @@ def _array(buffer: bytearray, start: int, count: int) -> tuple[int, object] | No
 class _Cut:
     commands: frozenset[bytes]
     every: int
-    seen: int = 0
-    done: int = 0
+    # Which replies are cut is drawn (seeded: the same run cuts the same), not counted: a
+    # count would fall into step with the client's own pattern of commands and retries.
+    draw: random.Random = field(default_factory=lambda: random.Random(17))
+    done: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass
@@ -147,8 +150,9 @@ class TcpProxy:
         self._call(lambda: setattr(self, "_cut", cut))
 
     @property
-    def cuts(self) -> int:
-        return self._cut.done if self._cut is not None else 0
+    def cuts(self) -> Counter[str]:
+        """How many replies were cut, by command (as given to ``cut_replies``)."""
+        return Counter(self._cut.done) if self._cut is not None else Counter()
 
     def _call(self, action: object) -> None:
         async def run() -> None:
@@ -249,11 +253,9 @@ class _Link:
         forward = bytearray()
         for raw, value, push in self.answers.feed(data):
             name = b"" if push or not self.sent else self.sent.popleft()
-            if name in cut.commands and value is not None:
-                cut.seen += 1
-                if cut.seen % cut.every == 0:
-                    cut.done += 1
-                    return bytes(forward), True
+            if name in cut.commands and value is not None and cut.draw.random() * cut.every < 1:
+                cut.done[name.decode()] += 1
+                return bytes(forward), True
             forward += raw
         return bytes(forward), False
 
