@@ -99,11 +99,32 @@ return nil
 class QoS(kombu_redis.QoS):
     """Kombu's Redis QoS for messages taken by CLAIM: it records nothing itself, removes our
     mark with Kombu's entries, hands back only what its rule says (see the module's doc), and
-    leaves messages to the visibility timeout when it cannot reach the broker."""
+    leaves messages to the visibility timeout when it cannot reach the broker (to put them
+    back, or to acknowledge them)."""
 
     def append(self, message: Any, delivery_tag: str) -> None:
         # CLAIM already recorded it on the broker, in the same step that took it.
         virtual.QoS.append(self, message, delivery_tag)  # type: ignore[no-untyped-call]
+
+    def ack(self, delivery_tag: str) -> None:
+        try:
+            self._remove_from_indices(delivery_tag).execute()
+        finally:
+            # Done with it here, whatever the broker said: an acknowledgement that did not
+            # reach it leaves the message held there (it comes back after the visibility
+            # timeout, to a task that finds its work done), but must not keep the prefetch
+            # slot for ever; Kombu's would, and a worker whose acknowledgements failed twice
+            # would never take another message.
+            virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        try:
+            if requeue:
+                self.restore_by_tag(delivery_tag, leftmost=True)  # type: ignore[no-untyped-call]
+            else:
+                self._remove_from_indices(delivery_tag).execute()
+        finally:
+            virtual.QoS.ack(self, delivery_tag)  # type: ignore[no-untyped-call]
 
     def _remove_from_indices(self, delivery_tag: str, pipe: Any = None) -> Any:
         pipe = super()._remove_from_indices(delivery_tag, pipe)  # type: ignore[no-untyped-call]
@@ -247,6 +268,11 @@ class _Claiming:
             # The error Kombu and Celery expect of a lost connection.
             raise redis_errors.ConnectionError("the channel's broker connection was closed")
 
+    def _connparams(self, asynchronous: bool = False) -> dict[str, Any]:
+        params: dict[str, Any] = super()._connparams(asynchronous)  # type: ignore[misc]
+        params["retry"] = redis_connections.reconnect_once()
+        return params
+
     def full_key(self, key: str) -> str:
         """``key`` with the deployment's key prefix, as it is named on the server."""
         return f"{self.global_keyprefix}{key}"
@@ -387,8 +413,7 @@ class ResultBackend(RedisBackend):  # type: ignore[misc]
         params["connection_class"] = (
             redis_connections.SSLConnection if tls else redis_connections.Connection
         )
-        params["socket_keepalive_options"] = redis_connections.KEEPALIVE_OPTIONS
-        return super()._create_client(**params)
+        return super()._create_client(**_bounded(params))
 
 
 class SentinelResultBackend(SentinelBackend):  # type: ignore[misc]
@@ -396,8 +421,13 @@ class SentinelResultBackend(SentinelBackend):  # type: ignore[misc]
     failover or on ``READONLY``), with keepalives."""
 
     def _create_client(self, **params: Any) -> Any:
-        params["socket_keepalive_options"] = redis_connections.KEEPALIVE_OPTIONS
-        return super()._create_client(**params)
+        return super()._create_client(**_bounded(params))
+
+
+def _bounded(params: dict[str, Any]) -> dict[str, Any]:
+    """Celery's backend connection arguments with ours (keepalives, the retry)."""
+    options = redis_connections.connection_options()
+    return {**params, **{k: options[k] for k in ("socket_keepalive_options", "retry")}}
 
 
 def install() -> None:
