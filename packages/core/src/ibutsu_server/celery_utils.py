@@ -126,7 +126,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "redis_socket_connect_timeout": redis_connections.SOCKET_TIMEOUT,
         "redis_backend_health_check_interval": redis_connections.HEALTH_CHECK_INTERVAL,
         "redis_socket_keepalive": True,
-        "redis_retry_on_timeout": True,
+        "redis_retry_on_timeout": False,  # a lost connection is retried (redis_connections)
         "worker_concurrency": settings.worker_concurrency,
         "worker_send_task_events": True,
         "task_send_sent_event": True,

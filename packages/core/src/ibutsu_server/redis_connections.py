@@ -3,16 +3,20 @@
 result backend and the scheduler's lease all connect with what is here.
 
 **Bounds on a silent connection** (no FIN, no RST: a middlebox dropped it, a network
-partitioned). A command waits at most SOCKET_TIMEOUT for its reply, then the connection is
-dropped and the command tried once more on a new one (``retry_on_timeout``: one retry); a
-connection idle for HEALTH_CHECK_INTERVAL is PINGed before its next use; the kernel probes an
-idle connection after KEEPALIVE_IDLE seconds and gives up after KEEPALIVE_COUNT unanswered
-probes KEEPALIVE_INTERVAL apart, and a write that stays unacknowledged for TCP_USER_TIMEOUT_MS
-fails. The consumer's blocking fetch and its pub/sub connection are watched by Kombu's health
-checks (every HEALTH_CHECK_INTERVAL): a fetch reply overdue by that much, or two PINGs without
-a PONG, drop the connection. So a role notices a silent broker within about
-2 x SOCKET_TIMEOUT (a worker publishes a heartbeat every 2 s), and in any case within
-HEALTH_CHECK_INTERVAL x 3.
+partitioned). A command waits at most SOCKET_TIMEOUT for its reply, then fails and its
+connection is dropped; a lost connection (not a timeout: on a silent path that would only
+double the wait) is tried once more on a new one. A connection idle for HEALTH_CHECK_INTERVAL
+is PINGed before its next use; the kernel probes an idle connection after KEEPALIVE_IDLE
+seconds and gives up after KEEPALIVE_COUNT unanswered probes KEEPALIVE_INTERVAL apart, and a
+write that stays unacknowledged for TCP_USER_TIMEOUT_MS fails. The consumer's blocking fetch
+and its pub/sub connection are watched by Kombu's health checks (every HEALTH_CHECK_INTERVAL):
+a fetch reply overdue by that much (its wait is 1 s), or two PINGs without a PONG, drop the
+connection. A worker sends a heartbeat every HEARTBEAT_SECONDS and gives its broker connection
+up when one fails (ibutsu_worker.consumer). So a worker notices a silent broker (a command
+fails, one log line) within SILENCE_NOTICED_WITHIN, and has given its connection up (and
+reconnects, with backoff, until traffic flows) within SILENCE_GIVEN_UP_WITHIN: the commands
+in flight at that moment (an acknowledgement, a heartbeat, putting messages back) fail one
+after the other, each after SOCKET_TIMEOUT.
 
 **A primary that turned replica** (a managed switch-over: the old primary stays up, read-only,
 and open connections keep talking to it) answers writes with ``READONLY``; redis-py raises a
@@ -33,6 +37,8 @@ from urllib.parse import unquote, urlsplit
 
 import redis
 from redis import exceptions as redis_errors
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from ibutsu_server.settings import RedisSettings, Settings
@@ -45,6 +51,10 @@ KEEPALIVE_IDLE = 10
 KEEPALIVE_INTERVAL = 5
 KEEPALIVE_COUNT = 3
 TCP_USER_TIMEOUT_MS = (KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT) * 1000
+# Celery's worker heartbeat (worker_heartbeat is not changed).
+HEARTBEAT_SECONDS = 2
+SILENCE_NOTICED_WITHIN = HEARTBEAT_SECONDS + SOCKET_TIMEOUT + 1
+SILENCE_GIVEN_UP_WITHIN = HEARTBEAT_SECONDS + 3 * SOCKET_TIMEOUT + 1
 # Seconds the start-up check waits for each Redis before leaving it to the role's own retries.
 STARTUP_CHECK_TIMEOUT = 5.0
 
@@ -90,8 +100,15 @@ def connection_options() -> dict[str, Any]:
         "socket_keepalive": True,
         "socket_keepalive_options": KEEPALIVE_OPTIONS,
         "health_check_interval": HEALTH_CHECK_INTERVAL,
-        "retry_on_timeout": True,
+        "retry_on_timeout": False,
+        "retry": reconnect_once(),
     }
+
+
+def reconnect_once() -> Retry:
+    """One more try, on a new connection, of a command whose connection was lost (a READONLY
+    reply included); none of one that timed out."""
+    return Retry(NoBackoff(), 1, supported_errors=(redis_errors.ConnectionError,))
 
 
 def tls_options(redis_settings: RedisSettings) -> dict[str, Any]:
@@ -112,7 +129,7 @@ def sentinel_options(redis_settings: RedisSettings) -> dict[str, Any]:
     sentinel_kwargs: dict[str, Any] = {
         key: value
         for key, value in connection_options().items()
-        if key.startswith("socket_") or key == "retry_on_timeout"
+        if key.startswith("socket_") or key.startswith("retry")
     }
     if redis_settings.sentinel_password:
         sentinel_kwargs["password"] = redis_settings.sentinel_password

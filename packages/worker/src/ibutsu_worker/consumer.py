@@ -15,28 +15,64 @@ holds for whatever command line starts the worker, ``--without-gossip`` or not.
 A task that finishes while the broker restarts cannot be acknowledged; Kombu logs that as
 CRITICAL with a traceback. Nothing is lost: the message stays in the broker's unacknowledged
 set, is handed out again after the visibility timeout, and its task finds the work done.
+
+A heartbeat that gets no answer gives the broker connection up. Celery sends its heartbeat
+(every 2 s) from the event loop and, when the broker does not answer, tries again for ever,
+reconnecting each time: on a path that went silent (no FIN, no RST) the whole loop waits with
+it, noticing nothing, taking and acknowledging nothing, for as long as the silence lasts. Ours
+tries once (at most the socket timeout, ibutsu_server.redis_connections) and raises the
+connection error from the loop, which Celery takes as a lost broker: it says so and
+reconnects, with backoff, until traffic flows.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import ClassVar
+from typing import Any, ClassVar
 
+from celery.worker import heartbeat
 from celery.worker.consumer import Consumer as CeleryConsumer
+from celery.worker.consumer import heart
 
 from ibutsu_server.ibutsu_task import one_line
 
 GOSSIP_STEP = "celery.worker.consumer.gossip:Gossip"
+HEART_STEP = "celery.worker.consumer.heart:Heart"
 CONSUMER = f"{__name__}:Consumer"
 LOOP_TICK_SECONDS = 5.0
 
 
+class _Heartbeat(heartbeat.Heart):  # type: ignore[misc]
+    """Celery's heartbeat, tried once, its failure raised (see the module's doc)."""
+
+    def _send(self, event: str, retry: bool = True) -> Any:
+        if event != "worker-heartbeat":  # online, offline: as Celery sends them
+            return super()._send(event, retry=retry)
+        dispatcher = self.eventer
+        buffering, dispatcher.buffer_while_offline = dispatcher.buffer_while_offline, False
+        try:
+            return super()._send(event, retry=False)
+        finally:
+            dispatcher.buffer_while_offline = buffering
+
+
+class Heart(heart.Heart):  # type: ignore[misc]
+    """The consumer's heartbeat step, with :class:`_Heartbeat`."""
+
+    def start(self, c: Any) -> None:
+        c.heart = _Heartbeat(c.timer, c.event_dispatcher, self.heartbeat_interval)
+        c.heart.start()
+
+
 class Consumer(CeleryConsumer):  # type: ignore[misc]
-    """Celery's consumer, without Gossip, ticking the app's liveness watch."""
+    """Celery's consumer, without Gossip, ticking the app's liveness watch, giving its broker
+    connection up when a heartbeat fails."""
 
     class Blueprint(CeleryConsumer.Blueprint):  # type: ignore[misc]
         default_steps: ClassVar[list[str]] = [
-            step for step in CeleryConsumer.Blueprint.default_steps if step != GOSSIP_STEP
+            f"{__name__}:Heart" if step == HEART_STEP else step
+            for step in CeleryConsumer.Blueprint.default_steps
+            if step != GOSSIP_STEP
         ]
 
     _ticking = False

@@ -15,10 +15,10 @@ reached at all, the connection is dead, and its socket is shut down. The waiting
 fails as on a lost connection (SQLAlchemy invalidates it, the task is retried). A statement the
 server is still working on is left alone, however long it takes.
 
-So a silent database is noticed within PROBE_AFTER_SECONDS + PROBE_CONNECT_TIMEOUT + one
-round of the watch (about 21 s). The backend a dead connection leaves behind on the server
-(whose keepalives may take hours to notice) is terminated as soon as the server can be
-reached, so it holds no lock for longer: a retried import does not wait on its own ghost.
+So a silent database is noticed within SILENCE_NOTICED_WITHIN: PROBE_AFTER_SECONDS +
+PROBE_CONNECT_TIMEOUT + the watch's rounds (22 s). The backend a dead connection leaves behind
+on the server (whose keepalives may take hours to notice) is terminated as soon as the server
+can be reached, so it holds no lock for longer: a retried import does not wait on its ghost.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ PROBE_CONNECT_TIMEOUT = 5
 ROUND_SECONDS = 1.0
 # A backend left behind that the server cannot be asked about for this long is left to it.
 GHOST_GIVE_UP_SECONDS = 3600.0
+SILENCE_NOTICED_WITHIN = PROBE_AFTER_SECONDS + PROBE_CONNECT_TIMEOUT + 2 * ROUND_SECONDS
 # What the server waits for when the connection, not the work, is stuck.
 WAITING_FOR_US = ("ClientRead", "ClientWrite")
 
