@@ -183,14 +183,13 @@ def startup_problems(settings: Settings) -> list[str]:
     here: the role waits for it. Sentinel groups are left to the role (their sentinels name
     the server)."""
     problems = []
-    checked: dict[str, str] = {}
-    bounded = dict.fromkeys(("socket_timeout", "socket_connect_timeout"), STARTUP_CHECK_TIMEOUT)
+    names_by_url: dict[str, list[str]] = {}
     for name, url in settings.redis_urls.items():
-        if url.startswith("sentinel://"):
-            continue
-        if url in checked:
-            continue
-        checked[url] = name
+        if not url.startswith("sentinel://"):
+            names_by_url.setdefault(url, []).append(name)
+    bounded = dict.fromkeys(("socket_timeout", "socket_connect_timeout"), STARTUP_CHECK_TIMEOUT)
+    for url, names in names_by_url.items():
+        name = ", ".join(names)
         probe = client(url, settings.redis, **bounded)
         try:
             probe.ping()

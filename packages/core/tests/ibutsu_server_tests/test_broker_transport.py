@@ -1,14 +1,55 @@
-"""The Redis transport that keeps one client per channel, against the real Redis."""
+"""The broker transport against real Redis servers: one client per channel, the atomic claim,
+the restore rule for our messages and foreign ones, renewals, failed acknowledgements,
+READONLY, and the start-up check."""
 
 from __future__ import annotations
 
-from ibutsu_server.broker_transport import Channel
-from ibutsu_server.celery_utils import create_broker_celery_app
-from ibutsu_testing.services import service_env, settings_for
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import redis
+
+from ibutsu_server import redis_connections
+from ibutsu_server.broker_transport import FOREIGN_VISIBILITY_TIMEOUT, LEASED_KEY, Channel
+from ibutsu_server.celery_utils import IbutsuCelery, create_broker_celery_app
+from ibutsu_testing.private import private_redis
+from ibutsu_testing.redis_topology import REDIS_PASSWORD, replicated_pair
+from ibutsu_testing.services import free_port, service_env, settings_for
+from ibutsu_testing.tcp_proxy import tcp_proxy
+
+PREFIX = "test-transport:"
+VISIBILITY = 30
+
+
+def app_for(url: str, **extra: str) -> IbutsuCelery:
+    env = {
+        **service_env("unused", PREFIX),
+        "CELERY_BROKER_URL": url,
+        "CELERY_RESULT_BACKEND": url,
+        "CELERY_VISIBILITY_TIMEOUT": str(VISIBILITY),
+        **extra,
+    }
+    return create_broker_celery_app(settings_for(env))
+
+
+@contextmanager
+def broker() -> Iterator[tuple[IbutsuCelery, redis.Redis]]:
+    """Our app on a Redis of this test's own, and a plain client that sees its keys."""
+    with private_redis() as server:
+        client = redis.Redis.from_url(server.url, decode_responses=True)
+        yield app_for(server.url), client
+        client.close()
+
+
+def send(app: IbutsuCelery, n: int, queue: str = "celery") -> list[str]:
+    return [str(app.send_task("tests.noop", args=[i], queue=queue).id) for i in range(n)]
 
 
 def test_every_app_uses_it_and_a_channel_keeps_its_client_until_its_pool_changes() -> None:
-    app = create_broker_celery_app(settings_for(service_env("unused", "test-transport:")))
+    app = create_broker_celery_app(settings_for(service_env("unused", PREFIX)))
     with app.connection_for_write() as connection:
         assert connection.as_uri().startswith("redis://")  # what operators grep the logs for
         channel = connection.default_channel
@@ -23,3 +64,113 @@ def test_every_app_uses_it_and_a_channel_keeps_its_client_until_its_pool_changes
         with channel.conn_or_acquire() as after:
             assert after is not first and after.connection_pool is channel.pool
             assert after.ping()
+
+
+def test_a_message_is_taken_and_recorded_as_held_in_one_step_as_kombu_records_it() -> None:
+    with broker() as (app, client):
+        first, second = send(app, 2)
+        with app.connection_for_write() as connection:
+            channel = connection.default_channel
+            before = time.time()
+            queue, payload = channel.claim(["celery"])
+            assert (queue, payload["headers"]["id"]) == ("celery", first)
+            tag = payload["properties"]["delivery_tag"]
+            # Kombu's own record of a held message: [payload, exchange, routing key].
+            held, exchange, routing_key = json.loads(str(client.hget(f"{PREFIX}unacked", tag)))
+            assert held == payload and (exchange, routing_key) == ("", "celery")
+            for key in ("unacked_index", LEASED_KEY):
+                assert (client.zscore(f"{PREFIX}{key}", tag) or 0) >= before
+            # A consumer without acknowledgements takes without recording.
+            _queue, unrecorded = channel.claim(["celery"], record=False)
+            assert unrecorded["headers"]["id"] == second
+            assert client.hlen(f"{PREFIX}unacked") == 1
+            assert channel.claim(["celery"]) is None  # empty
+
+
+def _age(client: redis.Redis, tag: str, seconds: float) -> None:
+    client.zadd(f"{PREFIX}unacked_index", {tag: time.time() - seconds})
+
+
+def test_the_scan_hands_back_ours_after_our_timeout_and_a_foreign_message_after_kombus() -> None:
+    with broker() as (app, client):
+        send(app, 3)
+        with app.connection_for_write() as connection:
+            channel = connection.default_channel
+            ours = channel.claim(["celery"])[1]["properties"]["delivery_tag"]
+            # Two messages a plain Kombu worker took: recorded, not marked as ours.
+            foreign = []
+            for _ in range(2):
+                _queue, payload = channel.claim(["celery"])
+                tag = payload["properties"]["delivery_tag"]
+                client.zrem(f"{PREFIX}{LEASED_KEY}", tag)
+                foreign.append(tag)
+            _age(client, ours, VISIBILITY + 1)
+            _age(client, foreign[0], VISIBILITY + 1)  # older than ours, younger than Kombu's
+            _age(client, foreign[1], FOREIGN_VISIBILITY_TIMEOUT + 1)
+            channel.qos.restore_visible(num=None, interval=1)
+            assert set(client.hkeys(f"{PREFIX}unacked")) == {foreign[0]}
+            back = [json.loads(raw) for raw in client.lrange(f"{PREFIX}celery", 0, -1)]
+            assert {m["properties"]["delivery_tag"] for m in back} == {ours, foreign[1]}
+            assert all(m["headers"]["redelivered"] for m in back)
+            assert not client.zcard(f"{PREFIX}{LEASED_KEY}")
+
+
+def test_renewals_keep_ours_and_an_acknowledged_message_stays_gone() -> None:
+    with broker() as (app, client):
+        send(app, 2)
+        with app.connection_for_write() as connection:
+            channel = connection.default_channel
+            kept, acked = (
+                channel.claim(["celery"])[1]["properties"]["delivery_tag"] for _ in range(2)
+            )
+            channel.qos.ack(acked)
+            _age(client, kept, VISIBILITY + 1)
+            renewed = time.time()
+            channel.renew([kept, acked])
+            for key in ("unacked_index", LEASED_KEY):
+                assert (client.zscore(f"{PREFIX}{key}", kept) or 0) >= renewed
+                assert client.zscore(f"{PREFIX}{key}", acked) is None
+            channel.qos.restore_visible(num=None, interval=1)
+            assert client.hkeys(f"{PREFIX}unacked") == [kept]
+
+
+def test_an_acknowledgement_the_broker_never_got_frees_the_prefetch_slot() -> None:
+    with private_redis() as server, tcp_proxy(server.port) as path:
+        app = app_for(f"redis://127.0.0.1:{path.port}/0")
+        client = redis.Redis.from_url(server.url, decode_responses=True)
+        send(app, 1)
+        with app.connection_for_write() as connection:
+            channel = connection.default_channel
+            channel.basic_qos(prefetch_count=1)
+            message = channel.basic_get("celery")
+            assert not channel.qos.can_consume()
+            path.stop()  # the broker is gone: the acknowledgement fails
+            with pytest.raises(redis.exceptions.ConnectionError):
+                message.ack()
+            assert channel.qos.can_consume()  # Kombu's would wait on it for ever
+        assert client.hlen(f"{PREFIX}unacked") == 1  # still held, for the visibility timeout
+
+
+def test_a_primary_turned_replica_is_a_lost_connection() -> None:
+    with replicated_pair() as (_primary, replica):
+        pool = redis.ConnectionPool(
+            connection_class=redis_connections.Connection,
+            port=replica.port,
+            password=REDIS_PASSWORD,
+            **{**redis_connections.connection_options(), "retry": None},
+        )
+        client = redis.Redis(connection_pool=pool)
+        with pytest.raises(redis.exceptions.ConnectionError, match="read-only replica now"):
+            client.set("key", "value")
+        client.close()
+
+
+def test_the_start_up_check_refuses_a_wrong_password_and_waits_for_a_missing_server() -> None:
+    with replicated_pair() as (primary, _replica):
+        wrong = f"redis://:not-the-password@127.0.0.1:{primary.port}/0"
+        problems = redis_connections.startup_problems(app_for(wrong).settings)
+    assert problems == [
+        "CELERY_BROKER_URL, CELERY_RESULT_BACKEND: Redis refused the user name or password"
+    ]
+    nobody = f"redis://127.0.0.1:{free_port()}/0"
+    assert redis_connections.startup_problems(app_for(nobody).settings) == []

@@ -322,3 +322,67 @@ def test_a_password_with_a_semicolon_is_not_split_into_urls() -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings(Role.WORKER, {**BROKER, **DATABASE, "CELERY_BROKER_URL": url})
     assert "ab12" not in str(caught.value) and "cd34" not in str(caught.value)
+
+
+SENTINELS = "sentinel://:redis-pw-1@s1:26379;sentinel://:redis-pw-1@s2:26379;sentinel://s3:26379"
+
+
+def test_sentinel_urls_take_a_master_name_and_the_sentinels_own_password() -> None:
+    env = {
+        **DATABASE,
+        "CELERY_BROKER_URL": SENTINELS + "/0",
+        "CELERY_RESULT_BACKEND": SENTINELS + "/1",
+        "IBUTSU_REDIS_SENTINEL_MASTER": "ibutsu",
+        "IBUTSU_REDIS_SENTINEL_PASSWORD": "sentinel-s3cret",
+    }
+    for role in Role:
+        redis = load_settings(role, {**env, "FLOWER_BASIC_AUTH": "admin:correct-horse-b"}).redis
+        assert (redis.sentinel_master, redis.sentinel_password) == ("ibutsu", "sentinel-s3cret")
+        assert "sentinel-s3cret" not in repr(redis)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(Role.WORKER, {**env, "IBUTSU_REDIS_SENTINEL_MASTER": ""})
+    assert "IBUTSU_REDIS_SENTINEL_MASTER is not set" in str(caught.value)
+    assert "redis-pw-1" not in str(caught.value)
+    mixed = {**env, "CELERY_RESULT_BACKEND": "redis://r:6379/1;" + SENTINELS}
+    with pytest.raises(ConfigError, match="CELERY_RESULT_BACKEND mixes sentinel"):
+        load_settings(Role.WORKER, mixed)
+
+
+def test_tls_files_must_be_readable_and_a_certificate_comes_with_its_key(
+    tmp_path: Path,
+) -> None:
+    ca, cert, key = (tmp_path / name for name in ("ca.crt", "client.crt", "client.key"))
+    for path in (ca, cert, key):
+        path.write_text("-----BEGIN-----\n")
+    env = {
+        **DATABASE,
+        "CELERY_BROKER_URL": "rediss://:s3cret@redis:6380/0",
+        "CELERY_RESULT_BACKEND": "rediss://:s3cret@redis:6380/1",
+        "IBUTSU_REDIS_TLS_CA_FILE": str(ca),
+        "IBUTSU_REDIS_TLS_CERT_FILE": str(cert),
+        "IBUTSU_REDIS_TLS_KEY_FILE": str(key),
+    }
+    redis = load_settings(Role.WORKER, env).redis
+    assert (redis.tls_ca_file, redis.tls_cert_file, redis.tls_key_file) == (ca, cert, key)
+    bad = {**env, "IBUTSU_REDIS_TLS_CA_FILE": str(tmp_path / "missing.crt")}
+    del bad["IBUTSU_REDIS_TLS_KEY_FILE"]
+    with pytest.raises(ConfigError) as caught:
+        load_settings(Role.WORKER, bad)
+    assert "missing.crt is not a readable file" in str(caught.value)
+    assert "IBUTSU_REDIS_TLS_CERT_FILE and IBUTSU_REDIS_TLS_KEY_FILE go together" in str(
+        caught.value
+    )
+
+
+def test_redis_variables_set_for_no_url_are_a_mistake() -> None:
+    env = {
+        **BROKER,
+        **DATABASE,
+        "IBUTSU_REDIS_SENTINEL_MASTER": "ibutsu",
+        "IBUTSU_REDIS_TLS_CA_FILE": "/etc/ssl/certs/ca-certificates.crt",
+    }
+    with pytest.raises(ConfigError) as caught:
+        load_settings(Role.WORKER, env)
+    message = str(caught.value)
+    assert "IBUTSU_REDIS_SENTINEL_MASTER is set but no Redis URL is sentinel://" in message
+    assert "IBUTSU_REDIS_TLS_CA_FILE is set but no Redis URL is rediss://" in message

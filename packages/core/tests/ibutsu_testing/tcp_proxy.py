@@ -132,6 +132,9 @@ class TcpProxy:
         asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result(10)
 
     def stop(self) -> None:
+        """Close every connection (with a reset) and stop listening: the server is gone."""
+        if not self._thread.is_alive():
+            return
         asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
@@ -193,10 +196,11 @@ class TcpProxy:
             return
         ends = (writer, up_writer)
         self._writers.update(ends)
-        await asyncio.gather(
-            self._pump(reader, up_writer, ends, link.commands),
-            self._pump(up_reader, writer, ends, link.replies),
-        )
+        with suppress(asyncio.CancelledError):  # stopped: nothing to report
+            await asyncio.gather(
+                self._pump(reader, up_writer, ends, link.commands),
+                self._pump(up_reader, writer, ends, link.replies),
+            )
 
     async def _pump(
         self,

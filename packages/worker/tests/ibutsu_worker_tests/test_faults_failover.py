@@ -245,7 +245,7 @@ def test_tls_with_a_client_certificate_and_a_wrong_ca(tmp_path: Path) -> None:
             refusals[role] = (ran.returncode, ran.stderr, time.monotonic() - started)
     for role, (status, stderr, seconds) in refusals.items():
         assert status == 2, f"{role}: {stderr}"
-        assert "CELERY_BROKER_URL: the server's TLS certificate does not verify" in stderr
+        assert "CELERY_RESULT_BACKEND: the server's TLS certificate does not verify" in stderr
         assert "Traceback" not in stderr and REDIS_PASSWORD not in stderr
         figure(f"TLS, wrong CA: {role} stopped (status 2) after", f"{seconds:.1f} s")
     figure("TLS (rediss://, client certificate): imports done exactly once", "100 of 100")
