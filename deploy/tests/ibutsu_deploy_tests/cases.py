@@ -20,6 +20,20 @@ from ibutsu_server.settings import Role
 
 #: Values for the template's required parameters (the rest keep their defaults).
 TEMPLATE_VALUES = {"IMAGE_REGISTRY": "registry.example.com/ibutsu"}
+#: The template for Redis under Sentinel, and for Redis over TLS with a client certificate.
+SENTINEL_VALUES = {
+    "REDIS_URL": ";".join(
+        f"sentinel://:$(REDIS_PASSWORD)@redis-sentinel-{n}.redis-sentinel:26379/0" for n in range(3)
+    ),
+    "REDIS_SENTINEL_MASTER": "mymaster",
+}
+TLS_VALUES = {
+    "REDIS_URL": "rediss://:$(REDIS_PASSWORD)@redis:6380/0",
+    **{
+        f"REDIS_TLS_{name}_FILE": f"/etc/ibutsu/redis-tls/{file}"
+        for name, file in (("CA", "ca.crt"), ("CERT", "tls.crt"), ("KEY", "tls.key"))
+    },
+}
 
 #: Which role each container runs, by container name.
 ROLE_BY_CONTAINER = {
@@ -40,6 +54,7 @@ DUMMY_SECRETS = {
     ("postgresql", "database-password"): "dummy-database-password",
     ("postgresql", "database-name"): "ibutsu",
     ("redis", "database-password"): "dummyredispassword",
+    ("redis-sentinel", "password"): "dummy-sentinel-password",
     ("ibutsu-metrics-auth", "username"): "prometheus",
     ("ibutsu-metrics-auth", "password"): "dummy-metrics-password",
     ("ibutsu-flower-auth", "username"): "admin",
@@ -64,6 +79,8 @@ def deployable_sets() -> dict[str, list[Doc]]:
     }
     template = load_documents(base / OPENSHIFT_TEMPLATE)[0]
     sets["openshift"] = process_template(template, TEMPLATE_VALUES)
+    sets["openshift-sentinel"] = process_template(template, {**TEMPLATE_VALUES, **SENTINEL_VALUES})
+    sets["openshift-tls"] = process_template(template, {**TEMPLATE_VALUES, **TLS_VALUES})
     return sets
 
 

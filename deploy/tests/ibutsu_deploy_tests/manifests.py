@@ -348,8 +348,9 @@ class Environment:
 
 def resolve_env(container: Doc, secrets: Mapping[tuple[str, str], str]) -> Environment:
     """The environment the kubelet gives ``container``: ``secrets`` maps (Secret name, key) to
-    a value. A reference to a Secret key missing from ``secrets`` raises KeyError; sources
-    these manifests do not use (envFrom, ConfigMaps, fields) raise ValueError."""
+    a value; an optional reference is left unset (a Secret that does not exist). A reference
+    to a Secret key missing from ``secrets`` raises KeyError; sources these manifests do not
+    use (envFrom, ConfigMaps, fields) raise ValueError."""
     if container.get("envFrom"):
         raise ValueError(f"{container['name']}: envFrom is not used here; extend resolve_env")
     environment = Environment()
@@ -364,6 +365,8 @@ def resolve_env(container: Doc, secrets: Mapping[tuple[str, str], str]) -> Envir
         reference = source.get("secretKeyRef")
         if reference is None or len(source) != 1:
             raise ValueError(f"{container['name']} {name}: only secretKeyRef is resolved here")
+        if reference.get("optional"):
+            continue  # its Secret may not exist: the variable is then unset, as here
         key = (reference["name"], reference["key"])
         if key not in secrets:
             raise KeyError(f"{container['name']} {name}: Secret {key[0]} key {key[1]}")

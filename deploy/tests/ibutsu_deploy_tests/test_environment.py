@@ -4,6 +4,7 @@ the manifests declare (Secrets replaced by stand-ins), as the process would at s
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -14,28 +15,55 @@ from ibutsu_deploy_tests.cases import (
     role_containers,
     root,
 )
-from ibutsu_deploy_tests.manifests import DEPLOY_README, containers, expand, resolve_env
-from ibutsu_server.settings import ConfigError, Role, load_settings
+from ibutsu_deploy_tests.manifests import DEPLOY_README, Doc, containers, expand, resolve_env
+from ibutsu_server.settings import TLS_VARS, ConfigError, Role, load_settings
 
 SET_NAMES = sorted(deployable_sets())
 CASES = [(name, role) for name in SET_NAMES for role in Role]
 
 
+def _mounted_files(container: Doc, values: dict[str, str], folder: Path) -> dict[str, str]:
+    """``values`` with each TLS file variable pointed at a stand-in file in ``folder``, once
+    the manifest is shown to mount the path it names (the settings check files exist)."""
+    mounts = [m["mountPath"].rstrip("/") + "/" for m in container.get("volumeMounts", [])]
+    for name in TLS_VARS:
+        path = values.get(name, "")
+        if not path:
+            continue
+        assert any(path.startswith(mount) for mount in mounts), f"{name}: {path} is not mounted"
+        stand_in = folder / Path(path).name
+        stand_in.write_text("stand-in\n")
+        values = {**values, name: str(stand_in)}
+    return values
+
+
 @pytest.mark.parametrize(("name", "role"), CASES, ids=[f"{n}-{r.value}" for n, r in CASES])
-def test_role_settings_load(name: str, role: Role) -> None:
+def test_role_settings_load(name: str, role: Role, tmp_path: Path) -> None:
     workload, container = role_containers(deployable_sets()[name])[role]
     environment = resolve_env(container, DUMMY_SECRETS)
     # A $(VAR) naming nothing defined above it reaches the process verbatim.
     assert environment.unresolved == [], f"not expanded: {environment.unresolved}"
+    values = _mounted_files(container, environment.values, tmp_path)
     try:
-        settings = load_settings(role, environment.values)
+        settings = load_settings(role, values)
     except ConfigError as error:
         pytest.fail(f"{name}: the {role.value} would refuse to start:\n{error}")
 
-    # Real services, never the embedded SQLite and filesystem broker.
+    # Real services, never the embedded SQLite and filesystem broker; the Redis password
+    # from its Secret in every URL of the list (one per sentinel).
     assert not settings.embedded
-    assert settings.broker_url.startswith("redis://:dummyredispassword@")
+    kind = name.rsplit("/", 1)[-1].removeprefix("openshift-")
+    scheme = {"sentinel": "sentinel", "tls": "rediss"}.get(kind, "redis")
+    for url in settings.broker_url.split(";"):
+        assert url.startswith(f"{scheme}://:dummyredispassword@")
     assert settings.result_backend == settings.broker_url
+    if scheme == "sentinel":
+        assert settings.redis.sentinel_master
+        # Optional in the template (the sentinels may have no password of their own).
+        assert settings.redis.sentinel_password in ("dummy-sentinel-password", "")
+    if scheme == "rediss":
+        assert settings.redis.tls_ca_file is not None
+        assert settings.redis.tls_cert_file is not None
     if role is Role.FLOWER:
         assert settings.database is None
         assert not any(v.startswith("POSTGRESQL_") for v in environment.values)
