@@ -180,16 +180,19 @@ def startup_problems(settings: Settings) -> list[str]:
     """What a connection to each of the role's Redis servers says is wrong with the
     configuration itself: a certificate that does not verify, a refused password. Retrying
     cannot mend those, so the role should not start. An unreachable server is no problem
-    here: the role waits for it. Sentinel groups are left to the role (their sentinels name
-    the server)."""
-    problems = []
+    here: the role waits for it. A Sentinel group is asked about its master first."""
+    problems: list[str] = []
     names_by_url: dict[str, list[str]] = {}
     for name, url in settings.redis_urls.items():
-        if not url.startswith("sentinel://"):
-            names_by_url.setdefault(url, []).append(name)
+        names_by_url.setdefault(url, []).append(name)
     bounded = dict.fromkeys(("socket_timeout", "socket_connect_timeout"), STARTUP_CHECK_TIMEOUT)
     for url, names in names_by_url.items():
         name = ", ".join(names)
+        if url.startswith("sentinel://"):
+            found = _sentinel_problems(url, settings.redis, bounded)
+            problems.extend(f"{name}: {problem}" for problem in found)
+            if found:
+                continue
         probe = client(url, settings.redis, **bounded)
         try:
             probe.ping()
@@ -208,6 +211,35 @@ def startup_problems(settings: Settings) -> list[str]:
         finally:
             probe.close()
             probe.connection_pool.disconnect()
+    return problems
+
+
+def _sentinel_problems(
+    url: str, redis_settings: RedisSettings, bounded: dict[str, float]
+) -> list[str]:
+    """What the sentinels of ``url`` say is wrong: a password they refuse, a master none of
+    them watches. Sentinels that do not answer are no problem here (others may)."""
+    options = {**sentinel_options(redis_settings)["sentinel_kwargs"], **bounded}
+    refused, watched, answered = [], set(), False
+    for _scheme, host, port, *_rest in _parts(url):
+        with redis.Redis(host=host, port=port or 26379, **options) as sentinel:
+            try:
+                watched |= set(sentinel.sentinel_masters())
+                answered = True
+            except redis_errors.AuthenticationError:
+                refused.append(f"{host}:{port or 26379}")
+            except redis_errors.RedisError:
+                continue
+    problems = []
+    if refused:
+        problems.append(
+            f"sentinel {', '.join(refused)} refused the password (IBUTSU_REDIS_SENTINEL_PASSWORD)"
+        )
+    master = redis_settings.sentinel_master
+    if answered and master not in watched:
+        problems.append(
+            f"the sentinels watch no master named {master!r} (IBUTSU_REDIS_SENTINEL_MASTER)"
+        )
     return problems
 
 

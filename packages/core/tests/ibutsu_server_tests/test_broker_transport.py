@@ -15,8 +15,14 @@ import redis
 from ibutsu_server import redis_connections
 from ibutsu_server.broker_transport import FOREIGN_VISIBILITY_TIMEOUT, LEASED_KEY, Channel
 from ibutsu_server.celery_utils import IbutsuCelery, create_broker_celery_app
+from ibutsu_server.settings import Settings
 from ibutsu_testing.private import private_redis
-from ibutsu_testing.redis_topology import REDIS_PASSWORD, replicated_pair
+from ibutsu_testing.redis_topology import (
+    REDIS_PASSWORD,
+    SentinelGroup,
+    replicated_pair,
+    sentinel_group,
+)
 from ibutsu_testing.services import free_port, service_env, settings_for
 from ibutsu_testing.tcp_proxy import tcp_proxy
 
@@ -174,3 +180,21 @@ def test_the_start_up_check_refuses_a_wrong_password_and_waits_for_a_missing_ser
     ]
     nobody = f"redis://127.0.0.1:{free_port()}/0"
     assert redis_connections.startup_problems(app_for(nobody).settings) == []
+
+
+def test_the_start_up_check_asks_the_sentinels() -> None:
+    with sentinel_group() as group:
+        assert redis_connections.startup_problems(settings_for_group(group)) == []
+        wrong = settings_for_group(group, IBUTSU_REDIS_SENTINEL_MASTER="elsewhere")
+        (problem,) = redis_connections.startup_problems(wrong)
+        assert "the sentinels watch no master named 'elsewhere'" in problem
+        refused = settings_for_group(group, IBUTSU_REDIS_SENTINEL_PASSWORD="not-the-password")
+        (problem,) = redis_connections.startup_problems(refused)
+        assert "refused the password (IBUTSU_REDIS_SENTINEL_PASSWORD)" in problem
+        assert "not-the-password" not in problem and REDIS_PASSWORD not in problem
+
+
+def settings_for_group(group: SentinelGroup, **extra: str) -> Settings:
+    env = {**service_env("unused", PREFIX), **group.env, **extra}
+    env["CELERY_RESULT_BACKEND"] = env["CELERY_BROKER_URL"]
+    return settings_for(env)
