@@ -34,6 +34,7 @@ UNIT_FORMATS = {
     "imports/s": "{:,.0f} imports/s",
     "x": "{:.2f}x",
     "tasks/s": "{:,.0f} tasks/s",
+    "msg/s": "{:,.0f} msg/s",
 }
 
 
@@ -72,6 +73,7 @@ class Sizes:
     load_floor_copies: int = 500
     overhead_tasks: int = 3000  # a multiple of the slices
     overhead_repeats: int = 3
+    transport_messages: int = 10_000
 
     def quick(self) -> Sizes:
         """The smoke-test sizes: every count divided by QUICK_DIVISOR, as many repeats."""
@@ -87,6 +89,7 @@ class Sizes:
             load_floor_tasks=self.load_floor_tasks // QUICK_DIVISOR,
             load_floor_copies=self.load_floor_copies // QUICK_DIVISOR,
             overhead_tasks=self.overhead_tasks // QUICK_DIVISOR,
+            transport_messages=self.transport_messages // QUICK_DIVISOR,
         )
 
 

@@ -24,6 +24,7 @@ from ibutsu_benchmarks import (
     overhead_bench,
     prune_bench,
     summary_bench,
+    transport_bench,
 )
 from ibutsu_benchmarks.common import Figure, Sizes, say
 
@@ -34,6 +35,7 @@ BENCHMARKS: dict[str, Callable[[Sizes, Path], list[Figure]]] = {
     hostile_bench.NAME: hostile_bench.run,
     load_bench.NAME: load_bench.run,
     overhead_bench.NAME: overhead_bench.run,
+    transport_bench.NAME: transport_bench.run,
 }
 HEADERS = ("benchmark", "metric", "measured", "baseline", "ratio", "target", "verdict")
 
