@@ -426,8 +426,11 @@ class SentinelResultBackend(SentinelBackend):  # type: ignore[misc]
 
 def _bounded(params: dict[str, Any]) -> dict[str, Any]:
     """Celery's backend connection arguments with ours (keepalives, the retry)."""
-    options = redis_connections.connection_options()
-    return {**params, **{k: options[k] for k in ("socket_keepalive_options", "retry")}}
+    return {
+        **params,
+        "socket_keepalive_options": redis_connections.KEEPALIVE_OPTIONS,
+        "retry": redis_connections.reconnect_once(),
+    }
 
 
 def install() -> None:

@@ -13,7 +13,8 @@ and its pub/sub connection are watched by Kombu's health checks (every HEALTH_CH
 a fetch reply overdue by that much (its wait is 1 s), or two PINGs without a PONG, drop the
 connection. A worker sends a heartbeat every HEARTBEAT_SECONDS and gives its broker connection
 up when one fails (ibutsu_worker.consumer). So a worker notices a silent broker (a command
-fails, one log line) within SILENCE_NOTICED_WITHIN, and has given its connection up (and
+fails, one log line) within SILENCE_NOTICED_WITHIN (the command may first wait for a new
+connection's handshake, then for its own reply), and has given its connection up (and
 reconnects, with backoff, until traffic flows) within SILENCE_GIVEN_UP_WITHIN: the commands
 in flight at that moment (an acknowledgement, a heartbeat, putting messages back) fail one
 after the other, each after SOCKET_TIMEOUT.
@@ -53,7 +54,7 @@ KEEPALIVE_COUNT = 3
 TCP_USER_TIMEOUT_MS = (KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT) * 1000
 # Celery's worker heartbeat (worker_heartbeat is not changed).
 HEARTBEAT_SECONDS = 2
-SILENCE_NOTICED_WITHIN = HEARTBEAT_SECONDS + SOCKET_TIMEOUT + 1
+SILENCE_NOTICED_WITHIN = HEARTBEAT_SECONDS + 2 * SOCKET_TIMEOUT + 1
 SILENCE_GIVEN_UP_WITHIN = HEARTBEAT_SECONDS + 3 * SOCKET_TIMEOUT + 1
 # Seconds the start-up check waits for each Redis before leaving it to the role's own retries.
 STARTUP_CHECK_TIMEOUT = 5.0
@@ -93,7 +94,9 @@ class SSLConnection(_ReadOnlyIsReconnect, redis.SSLConnection):
 
 
 def connection_options() -> dict[str, Any]:
-    """redis-py connection arguments that bound every wait (see the module's doc)."""
+    """redis-py connection arguments that bound every wait (see the module's doc), plain
+    values: they are also Celery settings, which workers send to whoever asks (Flower). The
+    retry of a lost connection (:func:`reconnect_once`) is added where clients are made."""
     return {
         "socket_timeout": SOCKET_TIMEOUT,
         "socket_connect_timeout": SOCKET_TIMEOUT,
@@ -101,7 +104,6 @@ def connection_options() -> dict[str, Any]:
         "socket_keepalive_options": KEEPALIVE_OPTIONS,
         "health_check_interval": HEALTH_CHECK_INTERVAL,
         "retry_on_timeout": False,
-        "retry": reconnect_once(),
     }
 
 
@@ -129,7 +131,7 @@ def sentinel_options(redis_settings: RedisSettings) -> dict[str, Any]:
     sentinel_kwargs: dict[str, Any] = {
         key: value
         for key, value in connection_options().items()
-        if key.startswith("socket_") or key.startswith("retry")
+        if key.startswith(("socket_", "retry_"))
     }
     if redis_settings.sentinel_password:
         sentinel_kwargs["password"] = redis_settings.sentinel_password
@@ -156,7 +158,13 @@ def client(url: str, redis_settings: RedisSettings, **kwargs: Any) -> redis.Redi
     ``kwargs`` go to the client (``decode_responses=True``, say)."""
     parts = list(_parts(url))
     scheme, host, port, username, password, db = parts[0]
-    options = {**connection_options(), **kwargs, "username": username, "password": password}
+    options = {
+        **connection_options(),
+        "retry": reconnect_once(),
+        **kwargs,
+        "username": username,
+        "password": password,
+    }
     if scheme == "sentinel":
         sentinel = sentinel_options(redis_settings)
         manager = Sentinel(  # type: ignore[no-untyped-call]

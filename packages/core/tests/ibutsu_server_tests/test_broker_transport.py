@@ -11,6 +11,7 @@ from contextlib import contextmanager
 
 import pytest
 import redis
+from kombu.utils import json as kombu_json
 
 from ibutsu_server import redis_connections
 from ibutsu_server.broker_transport import FOREIGN_VISIBILITY_TIMEOUT, LEASED_KEY, Channel
@@ -198,3 +199,16 @@ def settings_for_group(group: SentinelGroup, **extra: str) -> Settings:
     env = {**service_env("unused", PREFIX), **group.env, **extra}
     env["CELERY_RESULT_BACKEND"] = env["CELERY_BROKER_URL"]
     return settings_for(env)
+
+
+def test_the_configuration_a_worker_reports_is_plain_json() -> None:
+    """What `celery inspect conf` and Flower ask every worker for, with a Sentinel URL (the
+    most options): a value JSON cannot carry (a redis-py Retry, say) fails the reply."""
+    env = {
+        "CELERY_BROKER_URL": "sentinel://:pw@s1:26379/0;sentinel://:pw@s2:26379/0",
+        "CELERY_RESULT_BACKEND": "sentinel://:pw@s1:26379/1;sentinel://:pw@s2:26379/1",
+        "IBUTSU_REDIS_SENTINEL_MASTER": "ibutsu",
+        "IBUTSU_REDIS_SENTINEL_PASSWORD": "sentinel-pw",
+    }
+    app = create_broker_celery_app(settings_for({**service_env("unused", PREFIX), **env}))
+    kombu_json.dumps(app.conf.table(with_defaults=False, censored=True))
