@@ -47,10 +47,18 @@ def queued_import_ids(app: Celery) -> set[str] | None:
         if connection.transport.driver_type != "redis":
             return None
         channel: Any = connection.default_channel
-        client = channel.client
         prefix = getattr(channel, "global_keyprefix", "") or ""
-        found = _ids(client.hvals(prefix + channel.unacked_key))
-        for queue in app.amqp.queues:
-            for priority in channel.priority_steps:
-                found |= _ids(client.lrange(prefix + channel._q_for_pri(queue, priority), 0, -1))
+        # One transaction: a snapshot. A message being handed back (out of the unacknowledged
+        # set, into its queue) is seen in one place or the other, never in neither.
+        with channel.client.pipeline(transaction=True) as pipe:
+            pipe.execute_command("HVALS", prefix + channel.unacked_key)
+            for queue in app.amqp.queues:
+                for priority in channel.priority_steps:
+                    key = prefix + channel._q_for_pri(queue, priority)
+                    pipe.execute_command("LRANGE", key, 0, -1)
+            replies = pipe.execute()
+    unacked, *queued = replies
+    found = _ids(unacked)
+    for raws in queued:
+        found |= _ids(raws)
     return found
