@@ -211,4 +211,4 @@ def test_the_configuration_a_worker_reports_is_plain_json() -> None:
         "IBUTSU_REDIS_SENTINEL_PASSWORD": "sentinel-pw",
     }
     app = create_broker_celery_app(settings_for({**service_env("unused", PREFIX), **env}))
-    kombu_json.dumps(app.conf.table(with_defaults=False, censored=True))
+    kombu_json.dumps(app.conf.table(with_defaults=False, censored=True))  # type: ignore[no-untyped-call]
