@@ -26,11 +26,11 @@ def call(app: Celery, name: str, *args: Any, **kwargs: Any) -> Any:
     return app.tasks[name].apply(args=args, kwargs=kwargs).get()
 
 
-def sent(app: Celery) -> list[dict[str, Any]]:
-    """The messages waiting in the worker's queue, oldest first: task, args, eta."""
+def sent(app: Celery, queue: str = task_names.SHARED_QUEUE) -> list[dict[str, Any]]:
+    """The messages waiting in one of the worker's queues, oldest first: task, args, eta."""
     client = redis.Redis.from_url(REDIS_URL)
     prefix = app.conf.broker_transport_options.get("global_keyprefix", "")
-    raw = client.lrange(f"{prefix}celery", 0, -1)
+    raw = client.lrange(f"{prefix}{queue}", 0, -1)
     client.close()
     messages = []
     for item in reversed(raw):
@@ -46,6 +46,18 @@ def test_the_worker_registers_exactly_the_names_of_the_table(worker_app: Celery)
     registered = {name for name in worker_app.tasks if not name.startswith("celery.")}
     assert registered == task_names.ALL
     assert task_names.UPSTREAM <= task_names.ALL
+
+
+def test_names_only_ours_register_go_to_a_queue_only_ours_consume(worker_app: Celery) -> None:
+    # Upstream's workers share the default queue during a rolling update and discard a name
+    # they do not register: ours never reach them.
+    for name in sorted(task_names.ALL):
+        worker_app.send_task(name)
+    shared = {m["task"] for m in sent(worker_app, task_names.SHARED_QUEUE)}
+    own = {m["task"] for m in sent(worker_app, task_names.OWN_QUEUE)}
+    assert (shared, own) == (task_names.UPSTREAM, task_names.OURS)
+    # A worker started without -Q consumes every queue of the app: both.
+    assert set(worker_app.amqp.queues) == {task_names.SHARED_QUEUE, task_names.OWN_QUEUE}
 
 
 def test_update_run_by_keyword(worker_app: Celery, app_session: Session) -> None:
@@ -224,7 +236,11 @@ def test_recover_imports_requeues_what_nobody_will_finish(
         and data["requeues"] == 1
         and data["recovered"].startswith("its worker was lost")
     )
-    requeued = [m["args"] for m in sent(worker_app) if m["task"] == task_names.IMPORT_RESULTS]
+    requeued = [
+        m["args"]
+        for m in sent(worker_app, task_names.OWN_QUEUE)
+        if m["task"] == task_names.IMPORT_RESULTS
+    ]
     assert sorted(args[0] for args in requeued) == sorted([str(orphan), str(lost)])
     error = app_session.get(Import, hopeless).data  # type: ignore[union-attr]
     assert error is not None and "its worker was lost 3 times" in error["error"]
