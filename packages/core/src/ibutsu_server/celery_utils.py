@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from celery import Celery
 from celery.signals import after_setup_logger
-from kombu import Exchange, Queue
+from kombu.entity import Exchange, Queue
 
 from ibutsu_server import broker_transport, redis_connections, task_names
 from ibutsu_server.liveness import LoopWatch
@@ -96,7 +96,7 @@ def _tls(settings: Settings, url: str | None) -> dict[str, Any] | None:
 
 def _queue(name: str) -> Queue:
     # As Celery declares its default queue: a direct exchange of the queue's name.
-    return Queue(name, Exchange(name, type="direct"), routing_key=name)
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)  # type: ignore[no-untyped-call]
 
 
 def task_routing() -> dict[str, Any]:

@@ -278,8 +278,12 @@ def test_our_metrics_are_celery_exporters_and_its_alerts_fire_on_them(
         with running_worker(
             "ibutsu_server:worker_app", worker_env, tmp_path / "worker.log", "--concurrency=2"
         ) as process:
-            # Counted at once when it comes online: one worker, two pool processes.
-            wait_for(lambda: _value(leader(), "celery_active_process_count") == 2, timeout=30)
+            # Counted at once when it comes online: one worker, two pool processes, on each
+            # queue it consumes (the shared one and ours).
+            def processes(queue_name: str) -> float:
+                return _value(leader(), "celery_active_process_count", queue_name=queue_name)
+
+            wait_for(lambda: (processes("celery"), processes("ibutsu-tasks")) == (2, 2), timeout=30)
             assert _value(leader(), "celery_worker_up", hostname=host) == 1
             imports = [submitter.submit(sample) for _ in range(3)]
             api_send(UPDATE_RUN, "8d2e6f6a-4a4b-4c1e-9b5e-000000000001", count=4)
