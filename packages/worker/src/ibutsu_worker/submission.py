@@ -21,12 +21,11 @@ from typing import Any
 
 from sqlalchemy import select
 
-from ibutsu_server import task_names
 from ibutsu_server.app_factory import FlaskCelery, create_flask_celery_app
 from ibutsu_server.db.models import Import, ImportFile, ImportStatus, Project, Run, utcnow
 from ibutsu_server.db.sessions import Database
 from ibutsu_server.settings import Role, Settings
-from ibutsu_worker.importing.job import mark_error
+from ibutsu_worker.importing.job import import_record, import_task, mark_error
 
 POLL_SECONDS = 0.2
 # Sending waits out a broker restart: about a minute in all before it gives up.
@@ -36,7 +35,6 @@ PUBLISH_RETRY = {
     "interval_step": 1.0,
     "interval_max": 8.0,
 }
-GZIP_MAGIC = b"\x1f\x8b"
 
 
 class SubmissionError(Exception):
@@ -67,19 +65,6 @@ class Outcome:
             "run_id": self.run_id,
             "summary": self.summary,
         }
-
-
-def import_record(record: Import) -> dict[str, Any]:
-    """An import as the API serialises it (``to_dict``: ``data`` shown as ``metadata``);
-    Kombu's JSON encodes ``created`` as a datetime."""
-    return {
-        "id": str(record.id),
-        "filename": record.filename,
-        "format": record.format,
-        "status": record.status,
-        "created": record.created,
-        "metadata": record.data,
-    }
 
 
 class Submitter:
@@ -194,13 +179,11 @@ class Submitter:
     def enqueue(self, record: Import, content_head: bytes) -> None:
         """Send the import's task, by name, with the import record as its argument; a broker
         that is away for a moment (a restart) is waited for, with backoff."""
-        name = (
-            task_names.RUN_ARCHIVE_IMPORT
-            if content_head.startswith(GZIP_MAGIC)
-            else task_names.RUN_JUNIT_IMPORT
-        )
         self.celery.send_task(
-            name, args=[import_record(record)], retry=True, retry_policy=PUBLISH_RETRY
+            import_task(record.filename, content_head),
+            args=[import_record(record)],
+            retry=True,
+            retry_policy=PUBLISH_RETRY,
         )
 
     def submit(

@@ -13,7 +13,8 @@ from ibutsu_server.task_names import RUN_ARCHIVE_IMPORT, RUN_JUNIT_IMPORT
 from ibutsu_testing.fixtures import service_environ
 from ibutsu_testing.services import settings_for
 from ibutsu_worker.factory import create_worker_app
-from ibutsu_worker.submission import Outcome, Submitter, import_record
+from ibutsu_worker.importing.job import import_record
+from ibutsu_worker.submission import Outcome, Submitter
 from ibutsu_worker_tests.builders import ImportRunner
 from ibutsu_worker_tests.dbsession import migrated_session
 

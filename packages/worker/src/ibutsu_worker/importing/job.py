@@ -30,6 +30,7 @@ from typing import Any
 from sqlalchemy import Engine, Select, and_, func, select, text, update
 from sqlalchemy.orm import Session
 
+from ibutsu_server import task_names
 from ibutsu_server.db.models import Import, ImportFile, ImportStatus, Project, utcnow
 from ibutsu_server.ibutsu_task import IbutsuTask
 from ibutsu_server.settings import ImportLimits
@@ -75,6 +76,35 @@ def import_id_of(value: Any) -> uuid.UUID | None:
         return uuid.UUID(str(value))
     except ValueError:
         return None
+
+
+def import_record(record: Import) -> dict[str, Any]:
+    """An import as the API serialises it into its task's message (``to_dict``: ``data``
+    shown as ``metadata``); Kombu's JSON encodes ``created`` as a datetime."""
+    return {
+        "id": str(record.id),
+        "filename": record.filename,
+        "format": record.format,
+        "status": record.status,
+        "created": record.created,
+        "metadata": record.data,
+    }
+
+
+def import_task(filename: str | None, head: bytes) -> str:
+    """The task the API sends for an upload: by the file's name as the API chooses (``.xml``,
+    ``.tar.gz``), else by its first bytes (what ``ibutsu-tasks import`` stores). Upstream's
+    workers register both; either of ours reads the format from the content anyway."""
+    name = filename or ""
+    if name.endswith(".tar.gz"):
+        return task_names.RUN_ARCHIVE_IMPORT
+    if name.endswith(".xml"):
+        return task_names.RUN_JUNIT_IMPORT
+    return (
+        task_names.RUN_ARCHIVE_IMPORT
+        if head.startswith(GZIP_MAGIC)
+        else task_names.RUN_JUNIT_IMPORT
+    )
 
 
 @dataclass(frozen=True)
