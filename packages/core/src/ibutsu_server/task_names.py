@@ -77,6 +77,17 @@ UPSTREAM = frozenset(
         SYNC_ABORTED_RUNS,
     }
 )
+#: The names upstream's beat sends, on its own schedule (the architecture document's, with
+#: ``prune_old_import_files`` daily): a slot of these is run once whichever beat sends it.
+UPSTREAM_PERIODIC = frozenset(
+    {
+        PRUNE_OLD_FILES,
+        PRUNE_OLD_RESULTS,
+        PRUNE_OLD_RUNS,
+        PRUNE_OLD_IMPORT_FILES,
+        SYNC_ABORTED_RUNS,
+    }
+)
 #: The names only our workers register: sent by us, they go to OWN_QUEUE.
 OURS = ALL - UPSTREAM
 
