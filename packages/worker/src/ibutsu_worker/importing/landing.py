@@ -168,6 +168,8 @@ class _Landing:
         # A run this import creates is seen by nobody else before the import commits, so its
         # summary is tallied from the rows as they are written: no query reads them back.
         self.new_run: Run | None = None
+        # The report's own total time (its root's, or its top suites' summed), if it says.
+        self.reported_duration: float | None = None
         self.tally = Tally()
         self.first_result: FirstResult | None = None
         self.held: list[str] = []
@@ -186,6 +188,7 @@ class _Landing:
         if "project" in metadata or "run" in metadata:
             self._own(metadata, None)
         self.budget.charge(len(_JSON.encode(metadata)))
+        self.reported_duration = record.duration
         run_id = record.id or uuid.uuid4()
         self.run = _Run(
             id=run_id,
@@ -273,8 +276,11 @@ class _Landing:
             self._update_run(record)
 
     def _update_run(self, update: RunUpdate) -> None:
-        """More of the run's metadata (keys it has keep their value), and warnings."""
+        """More of the run's metadata (keys it has keep their value), warnings, and the
+        run's total time when only its parts state it."""
         self.warnings += update.warnings
+        if update.duration is not None and not self.reported_duration:
+            self.reported_duration = update.duration
         run = self.new_run
         if run is None or not update.metadata:
             return
@@ -524,7 +530,11 @@ class _Landing:
         if self.new_run is None:  # results may already exist: count them all
             self._write_artifacts()
             summary = update_summary(
-                self.session, run.id, collected=run.collected, start_at_first=True
+                self.session,
+                run.id,
+                collected=run.collected,
+                start_at_first=True,
+                reported_duration=self.reported_duration,
             )
             assert summary is not None
         else:
@@ -534,6 +544,7 @@ class _Landing:
                 self.first_result,
                 collected=self.written,
                 start_at_first=True,
+                reported_duration=self.reported_duration,
             )
             self.session.flush()  # the run inserted complete if its results were held
             if self.held:
