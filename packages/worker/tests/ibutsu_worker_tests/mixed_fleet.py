@@ -383,7 +383,7 @@ def _run(up: upstream.Upstream, broker_url: str, database: PrivatePostgres, logs
 
 def _foreign_held(client: redis.Redis) -> int:
     """How many messages upstream's worker holds (taken, not acknowledged, not ours)."""
-    tags = [bytes(tag).decode() for tag in client.hkeys("unacked")]
+    tags = [tag.decode() if isinstance(tag, bytes) else tag for tag in client.hkeys("unacked")]
     marks = client.zmscore("unacked_leased", tags) if tags else []
     return sum(mark is None for mark in marks)
 
