@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 
 import pytest
 
@@ -100,7 +101,7 @@ def test_readiness_is_computed_once_for_a_crowd(server: tuple[int, list[float]])
     assert statuses == [200] * 200
     # However slowly the crowd is served: never two computations within the cache's window.
     assert 1 <= len(computed) < 200
-    gaps = [later - earlier for earlier, later in zip(computed, computed[1:])]
+    gaps = [later - earlier for earlier, later in pairwise(computed)]
     assert all(gap >= http_endpoints.READY_CACHE_SECONDS for gap in gaps), gaps
 
 
