@@ -31,7 +31,7 @@ from sqlalchemy import Engine, Select, Update, and_, func, select, text, update
 from sqlalchemy.orm import Session
 
 from ibutsu_server.db.models import Import, ImportFile, ImportStatus, Project, utcnow
-from ibutsu_server.ibutsu_task import IbutsuTask
+from ibutsu_server.db.sessions import Transaction
 from ibutsu_server.settings import ImportLimits
 from ibutsu_worker.importing.archive import archive_records
 from ibutsu_worker.importing.budget import Budget
@@ -82,10 +82,13 @@ class Outcome:
     error: str | None = None
 
 
-def run(task: IbutsuTask, import_id: uuid.UUID, limits: ImportLimits) -> Outcome | None:
-    """Run the import ``import_id`` in ``task``'s transaction; None when there is nothing to do
-    (no such import, or already finished)."""
-    session = task.session
+def run(
+    transaction: Transaction, import_id: uuid.UUID, limits: ImportLimits, delivery: str
+) -> Outcome | None:
+    """Run the import ``import_id`` in ``transaction``; None when there is nothing to do (no
+    such import, or already finished). ``delivery`` names the message being run (the same
+    for a redelivery of it, new for a retry)."""
+    session = transaction.session
     claimed = _locked(session, import_id)
     if claimed is None:
         return None
@@ -93,7 +96,6 @@ def run(task: IbutsuTask, import_id: uuid.UUID, limits: ImportLimits) -> Outcome
     data = record.data or {}
     # The same message again (same task, same retry) means the worker died while importing it
     # (Celery redelivers after a kill): a report that kills workers must stop, not loop.
-    delivery = f"{task.request.id}:{task.request.retries}"
     last = data.get("deliveries") or {}
     count = last.get("count", 0) + 1 if last.get("delivery") == delivery else 1
     if count > limits.max_deliveries:
@@ -108,7 +110,7 @@ def run(task: IbutsuTask, import_id: uuid.UUID, limits: ImportLimits) -> Outcome
         .where(Import.id == import_id)
         .values(status=ImportStatus.RUNNING, data=running)
     )
-    task.checkpoint("the import shows as running")
+    transaction.checkpoint("the import shows as running")
     # Locked again, for the rest of the import: a second delivery waits here, then finds it done.
     claimed = _locked(session, import_id, with_file=True)
     if claimed is None:
@@ -136,7 +138,7 @@ def run(task: IbutsuTask, import_id: uuid.UUID, limits: ImportLimits) -> Outcome
         chunks = content_chunks(engine, stored.id, stored.length, stored.head)
         landed = land(session, upload, READERS[fmt](chunks, limits), budget)
     except ReportError as exc:
-        task.abandon("the report cannot be imported")
+        transaction.abandon("the report cannot be imported")
         mark_error(session, import_id, str(exc), fmt)
         return Outcome(import_id, ImportStatus.ERROR, fmt, error=str(exc))
     finally:

@@ -50,7 +50,8 @@ def _run(task: IbutsuTask, import_id: uuid.UUID | None, given: Any) -> None:
     if import_id is None:
         log.error("%s: %.100r names no import; nothing to do", task.name, given)
         return
-    outcome = job.run(task, import_id, task.settings.import_limits)
+    delivery = f"{task.request.id}:{task.request.retries}"
+    outcome = job.run(task, import_id, task.settings.import_limits, delivery)
     if outcome is None:
         return
     if outcome.error is not None:

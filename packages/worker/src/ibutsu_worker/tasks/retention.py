@@ -20,7 +20,7 @@ from ibutsu_worker.importing import job
 def _prune(
     task: IbutsuTask, prune: Callable[..., pruning.PruneReport], retention: object
 ) -> dict[str, Any]:
-    report = prune(task.session, lambda: task.checkpoint("a pruning batch"), retention)
+    report = prune(task, retention)
 
     def count() -> None:
         for table, rows in report.deleted.items():
