@@ -21,33 +21,28 @@ from ibutsu_worker.pruning import (
     prune_results,
     prune_runs,
 )
+from ibutsu_worker_tests.builders import add_run
 
 OLD = utcnow() - timedelta(days=800)
 RECENT = utcnow() - timedelta(days=1)
 
 
 def _run(session: Session, when: datetime, results: int, artifact_date: datetime) -> uuid.UUID:
-    run = Run(id=uuid.uuid4(), start_time=when, created=when)
-    session.add(run)
-    session.flush()
-    for n in range(results):
-        result = Result(
-            id=uuid.uuid4(), run_id=run.id, test_id=f"t{n}", result="passed", start_time=when
+    """A run started ``when`` with ``results`` results, each with an artifact."""
+    run_id = add_run(session, ["passed"] * results, start=when, result_fields={"start_time": when})
+    session.add_all(
+        Artifact(
+            id=uuid.uuid4(),
+            result_id=result_id,
+            run_id=run_id,
+            filename="log.txt",
+            content=b"x",
+            upload_date=artifact_date,
         )
-        session.add(result)
-        session.flush()
-        session.add(
-            Artifact(
-                id=uuid.uuid4(),
-                result_id=result.id,
-                run_id=run.id,
-                filename="log.txt",
-                content=b"x",
-                upload_date=artifact_date,
-            )
-        )
+        for result_id in session.scalars(select(Result.id).where(Result.run_id == run_id))
+    )
     session.commit()
-    return run.id
+    return run_id
 
 
 def _count(session: Session, model: type) -> int:
