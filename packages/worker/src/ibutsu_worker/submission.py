@@ -21,11 +21,13 @@ from typing import Any
 
 from sqlalchemy import select
 
+from ibutsu_server import task_names
 from ibutsu_server.app_factory import FlaskCelery, create_flask_celery_app
 from ibutsu_server.db.models import Import, ImportFile, ImportStatus, Project, Run, utcnow
 from ibutsu_server.db.sessions import Database
 from ibutsu_server.settings import Role, Settings
-from ibutsu_worker.importing.job import import_record, import_task, mark_error
+from ibutsu_worker.importing.formats import ImportFormat
+from ibutsu_worker.importing.job import mark_error
 
 POLL_SECONDS = 0.2
 # Sending waits out a broker restart: about a minute in all before it gives up.
@@ -54,7 +56,7 @@ class Outcome:
 
     @property
     def finished(self) -> bool:
-        return self.status in (ImportStatus.DONE, ImportStatus.ERROR)
+        return ImportStatus.finished(self.status)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -65,6 +67,33 @@ class Outcome:
             "run_id": self.run_id,
             "summary": self.summary,
         }
+
+
+def import_task_name(content_head: bytes, filename: str | None = None) -> str:
+    """The task the API sends for an upload: by the file's name where the API chooses by it
+    (``.xml``, ``.tar.gz``), else for content starting with ``content_head``. Our workers read
+    the format from the content whatever the name; upstream's go by the name."""
+    name = filename or ""
+    if name.endswith(".tar.gz"):
+        return task_names.RUN_ARCHIVE_IMPORT
+    if name.endswith(".xml"):
+        return task_names.RUN_JUNIT_IMPORT
+    if ImportFormat.detect(content_head) is ImportFormat.ARCHIVE:
+        return task_names.RUN_ARCHIVE_IMPORT
+    return task_names.RUN_JUNIT_IMPORT
+
+
+def import_record(record: Import) -> dict[str, Any]:
+    """An import as the API serialises it (``to_dict``: ``data`` shown as ``metadata``);
+    Kombu's JSON encodes ``created`` as a datetime."""
+    return {
+        "id": str(record.id),
+        "filename": record.filename,
+        "format": record.format,
+        "status": record.status,
+        "created": record.created,
+        "metadata": record.data,
+    }
 
 
 class Submitter:
@@ -88,11 +117,7 @@ class Submitter:
         """The id of an existing project, named by id or by name."""
         session = self.db.session()
         try:
-            try:
-                condition = Project.id == uuid.UUID(project)
-            except ValueError:
-                condition = Project.name == project
-            found = session.scalar(select(Project.id).where(condition).limit(1))
+            found = session.scalar(select(Project.id).where(Project.named(project)).limit(1))
         finally:
             self.db.session.remove()
         if found is None:
@@ -180,7 +205,7 @@ class Submitter:
         """Send the import's task, by name, with the import record as its argument; a broker
         that is away for a moment (a restart) is waited for, with backoff."""
         self.celery.send_task(
-            import_task(record.filename, content_head),
+            import_task_name(content_head, record.filename),
             args=[import_record(record)],
             retry=True,
             retry_policy=PUBLISH_RETRY,

@@ -16,9 +16,9 @@ from ibutsu_server import task_names
 from ibutsu_server.app_factory import FlaskCelery
 from ibutsu_server.db.models import Artifact, Import, ImportFile, Result, Run, utcnow
 from ibutsu_worker.importing import junit, landing
-from ibutsu_worker.importing.job import CHUNK_SIZE, content_chunks, import_record
+from ibutsu_worker.importing.job import CHUNK_SIZE, content_chunks
 from ibutsu_worker.importing.landing import HELD_ROWS
-from ibutsu_worker.submission import Submitter
+from ibutsu_worker.submission import Submitter, import_record
 from ibutsu_worker.summaries import update_summary
 from ibutsu_worker_tests.builders import ImportRunner
 from ibutsu_worker_tests.corpus import REFUSED, SAMPLE_SUMMARY, corpus_files, expected_count

@@ -43,7 +43,8 @@ from sqlalchemy.orm import Session
 
 from ibutsu_server.db.models import Import, ImportFile, ImportStatus, utcnow
 from ibutsu_server.settings import ImportLimits
-from ibutsu_worker.importing.job import import_record, import_task, mark_error
+from ibutsu_worker.importing.job import mark_error
+from ibutsu_worker.submission import import_record, import_task_name
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +196,5 @@ def _requeue(session: Session, record: Import) -> Requeue:
         .where(ImportFile.import_id == record.id, ImportFile.content.is_not(None))
         .limit(1)
     )
-    return Requeue(
-        record.id, import_task(record.filename, bytes(head or b"")), import_record(record)
-    )
+    task = import_task_name(bytes(head or b""), record.filename)
+    return Requeue(record.id, task, import_record(record))
