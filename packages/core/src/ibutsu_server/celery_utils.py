@@ -102,13 +102,23 @@ def _queue(name: str) -> Queue:
 def task_routing() -> dict[str, Any]:
     """Where tasks go: upstream's names to the shared queue, which upstream's workers consume
     too during a rolling update; names only ours register (``task_names.OURS``) to a queue
-    only ours consume, so that upstream's workers never receive (and discard) them. Workers
-    consume both."""
+    only ours consume, so that upstream's workers never receive (and discard) them. Plain
+    values only: every worker reports its configuration as JSON (``celery inspect conf``)."""
     return {
         "task_default_queue": task_names.SHARED_QUEUE,
-        "task_queues": (_queue(task_names.SHARED_QUEUE), _queue(task_names.OWN_QUEUE)),
         "task_routes": {name: {"queue": task_names.OWN_QUEUE} for name in sorted(task_names.OURS)},
     }
+
+
+def declare_queues(app: Celery) -> None:
+    """Make both queues the app's own, so that a worker started without ``-Q`` consumes both
+    and every role sees both (``app.amqp.queues``: the broker scan, the queue lengths). Kept
+    out of the configuration, whose queue objects JSON cannot carry."""
+    queues = app.amqp.queues
+    for name in (task_names.SHARED_QUEUE, task_names.OWN_QUEUE):
+        if name not in queues.consume_from:
+            # select_add: consumed by default too (a plain add would only be known).
+            queues.select_add(_queue(name))
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -188,6 +198,7 @@ def create_celery(
     broker_transport.install()
     app = app_class(settings, f"ibutsu_{settings.role.value}", include=list(include), **kwargs)
     app.conf.update(celery_config(settings))
+    declare_queues(app)
     level = settings.worker_loglevel.upper()
 
     def apply_log_level(logger: logging.Logger, **_kwargs: Any) -> None:

@@ -252,9 +252,9 @@ def test_our_metrics_are_celery_exporters_and_its_alerts_fire_on_them(
     api = create_broker_celery_app(settings_for(service_environ))
     api.conf.task_send_sent_event = False
 
-    def api_send(name: str, *args: object, count: int = 1) -> None:
+    def api_send(name: str, *args: object, count: int = 1, **kwargs: object) -> None:
         for _ in range(count):
-            api.send_task(name, args=list(args), origin=API_NODE)
+            api.send_task(name, args=list(args), kwargs=kwargs, origin=API_NODE)
 
     worker_instance, leader_instance = f"127.0.0.1:{worker_port}", f"127.0.0.1:{leader_port}"
 
@@ -313,10 +313,12 @@ def test_our_metrics_are_celery_exporters_and_its_alerts_fire_on_them(
                 raise AssertionError(f"counts {seen[-1]}, not (3, 4, 1, 3, 4, 3)") from exc
             # A failure rate needs a failing series that was there before: the first failure
             # of a kind starts its series (as celery-exporter's), the next ones raise it.
-            api_send(PRUNE_OLD_RESULTS, 0)  # a retention of 0 months is refused: a failure
+            # The admin page's call (keywords: a beat's would run once a day): a retention of
+            # 0 months is refused, a failure.
+            api_send(PRUNE_OLD_RESULTS, months=0)
             wait_for(lambda: failed(1), timeout=30)
             first_failure = both()
-            api_send(PRUNE_OLD_RESULTS, 0, count=3)
+            api_send(PRUNE_OLD_RESULTS, months=0, count=3)
             wait_for(lambda: failed(4), timeout=30)
             failing = both()
             os.killpg(process.pid, signal.SIGKILL)  # no goodbye: a lost node

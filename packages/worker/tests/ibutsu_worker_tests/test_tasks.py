@@ -59,7 +59,8 @@ def test_names_only_ours_register_go_to_a_queue_only_ours_consume(worker_app: Ce
     own = {m["task"] for m in sent(worker_app, task_names.OWN_QUEUE)}
     assert (shared, own) == (set(task_names.UPSTREAM), set(task_names.OURS))
     # A worker started without -Q consumes every queue of the app: both.
-    assert set(worker_app.amqp.queues) == {task_names.SHARED_QUEUE, task_names.OWN_QUEUE}
+    consumed = set(worker_app.amqp.queues.consume_from)
+    assert consumed == {task_names.SHARED_QUEUE, task_names.OWN_QUEUE}
 
 
 def test_update_run_by_keyword(worker_app: Celery, app_session: Session) -> None:
