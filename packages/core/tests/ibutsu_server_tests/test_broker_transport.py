@@ -219,23 +219,22 @@ def test_the_blocking_peek_watches_the_shared_queue_whatever_the_rotation() -> N
     """A peek watches one key and waits out its timeout on an empty one: the consumer peeks
     at the first queue it consumes (the shared one, busy), never at our own mostly empty one,
     which the claim after each peek takes from anyway."""
-    with broker() as (app, _client):
-        with app.connection_for_write() as connection:
-            channel = connection.default_channel
-            for queue in (SHARED_QUEUE, OWN_QUEUE):
-                channel.basic_consume(queue, False, lambda message: None, queue)
-            peeked: list[str] = []
+    with broker() as (app, _client), app.connection_for_write() as connection:
+        channel = connection.default_channel
+        for queue in (SHARED_QUEUE, OWN_QUEUE):
+            channel.basic_consume(queue, False, lambda message: None, queue)
+        peeked: list[str] = []
 
-            class Recorder:  # the consumer's connection, as the event loop would write to it
-                def send_command(self, *args: object) -> None:
-                    peeked.append(str(args[1]))
+        class Recorder:  # the consumer's connection, as the event loop would write to it
+            def send_command(self, *args: object) -> None:
+                peeked.append(str(args[1]))
 
-            channel.client.connection = Recorder()
-            try:
-                for queue in (SHARED_QUEUE, OWN_QUEUE, SHARED_QUEUE):
-                    channel._queue_cycle.rotate(queue)  # as after a claim from ``queue``
-                    channel._brpop_start()
-            finally:
-                channel.client.connection = None
-                channel._in_poll = None
-            assert peeked == [f"{PREFIX}{SHARED_QUEUE}"] * 3
+        channel.client.connection = Recorder()
+        try:
+            for queue in (SHARED_QUEUE, OWN_QUEUE, SHARED_QUEUE):
+                channel._queue_cycle.rotate(queue)  # as after a claim from ``queue``
+                channel._brpop_start()
+        finally:
+            channel.client.connection = None
+            channel._in_poll = None
+        assert peeked == [f"{PREFIX}{SHARED_QUEUE}"] * 3
