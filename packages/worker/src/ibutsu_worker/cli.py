@@ -2,6 +2,7 @@
 
 demo       the main job end to end on the embedded default, through a real worker
 db upgrade create upstream's schema on an empty database, or check a backend-managed one
+project create  create a project in Ibutsu's schema, with the rules Ibutsu's API applies
 import     store reports and enqueue their import, as Ibutsu's API does
 status     show an import
 """
@@ -22,6 +23,7 @@ from sqlalchemy.exc import OperationalError
 from ibutsu_server.db.migrate import SchemaError, require_ready, upgrade
 from ibutsu_server.settings import ConfigError, Role, load_settings
 from ibutsu_worker.demo import DEMO_PROJECT, DemoError, DemoWorker
+from ibutsu_worker.projects import ProjectError
 from ibutsu_worker.submission import Outcome, SubmissionError, Submitter
 
 SAMPLE = "sample-junit.xml"
@@ -135,6 +137,19 @@ def _status(args: argparse.Namespace, submitter: Submitter) -> int:
     return 0
 
 
+def _project_create(args: argparse.Namespace, submitter: Submitter) -> int:
+    require_ready(submitter.db.engine)
+    created = submitter.create_project(args.name, args.title, args.owner)
+    # The id alone on standard output, for `id=$(ibutsu-tasks project create ...)`.
+    print(created.id, flush=True)
+    said = "created" if created.new else "exists"
+    print(
+        f"ibutsu-tasks: project {created.name!r} ({created.title!r}) {said}: {created.id}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _db(args: argparse.Namespace, submitter: Submitter) -> int:
     state = upgrade(submitter.db.engine)
     print(f"{submitter.where}: {state.describe()}; every table the tasks use is there")
@@ -158,6 +173,21 @@ def build_parser() -> argparse.ArgumentParser:
     db_commands.add_parser(
         "upgrade", help="create the schema on an empty database, or check a managed one"
     ).set_defaults(handler=_db)
+
+    project = commands.add_parser("project", help="projects in Ibutsu's schema")
+    project_commands = project.add_subparsers(dest="project_command", required=True)
+    create = project_commands.add_parser(
+        "create",
+        help="create a project (or find it, if it exists as asked) and print its id",
+    )
+    create.add_argument("name", help="the project's name, as uploads name it (not a UUID)")
+    create.add_argument("--title", help="the title Ibutsu shows (default: the name)")
+    create.add_argument(
+        "--owner",
+        metavar="EMAIL",
+        help="an existing user who becomes the project's owner and one of its users",
+    )
+    create.set_defaults(handler=_project_create)
 
     imp = commands.add_parser("import", help="store reports and enqueue their import")
     imp.add_argument("files", nargs="+")
@@ -196,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         reason = str(exc.orig or exc).strip().splitlines()[0]
         print(f"ibutsu-tasks: cannot use {submitter.where}: {reason}", file=sys.stderr)
         return 1
-    except (CommandError, SubmissionError, SchemaError, DemoError) as exc:
+    except (CommandError, SubmissionError, SchemaError, DemoError, ProjectError) as exc:
         print(f"ibutsu-tasks: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

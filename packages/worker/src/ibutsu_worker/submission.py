@@ -23,10 +23,11 @@ from sqlalchemy import select
 
 from ibutsu_server import task_names
 from ibutsu_server.app_factory import FlaskCelery, create_flask_celery_app
-from ibutsu_server.db.models import Import, ImportFile, ImportStatus, Project, Run, utcnow
+from ibutsu_server.db.models import Import, ImportFile, ImportStatus, Run, utcnow
 from ibutsu_server.db.sessions import Database
 from ibutsu_server.settings import Role, Settings
 from ibutsu_worker.importing.job import mark_error
+from ibutsu_worker.projects import Created, create_project, find_project
 
 POLL_SECONDS = 0.2
 # Sending waits out a broker restart: about a minute in all before it gives up.
@@ -103,30 +104,31 @@ class Submitter:
         """The id of an existing project, named by id or by name."""
         session = self.db.session()
         try:
-            try:
-                condition = Project.id == uuid.UUID(project)
-            except ValueError:
-                condition = Project.name == project
-            found = session.scalar(select(Project.id).where(condition).limit(1))
+            found = find_project(session, project)
         finally:
             self.db.session.remove()
         if found is None:
-            raise SubmissionError(f"no project {project!r}: create it in Ibutsu first")
+            raise SubmissionError(
+                f"no project {project!r}: create it with `ibutsu-tasks project create` "
+                "or in Ibutsu"
+            )
         return found
+
+    def create_project(
+        self, name: str, title: str | None = None, owner_email: str | None = None
+    ) -> Created:
+        """Create the project ``name``, or find it if it exists as asked (``create_project``)."""
+        session = self.db.session()
+        try:
+            created = create_project(session, name, title, owner_email)
+            session.commit()
+            return created
+        finally:
+            self.db.session.remove()
 
     def ensure_project(self, name: str) -> uuid.UUID:
         """The project named ``name``, created if missing (the demo's own database only)."""
-        try:
-            return self.project_id(name)
-        except SubmissionError:
-            session = self.db.session()
-            try:
-                project = Project(id=uuid.uuid4(), name=name, title=name)
-                session.add(project)
-                session.commit()
-                return project.id
-            finally:
-                self.db.session.remove()
+        return self.create_project(name).id
 
     def store(
         self,

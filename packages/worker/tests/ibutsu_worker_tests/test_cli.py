@@ -5,17 +5,25 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 
 from ibutsu_server.db.engine import make_engine
-from ibutsu_server.db.models import Import
+from ibutsu_server.db.models import Import, Project
+from ibutsu_server.settings import DatabaseSettings
 from ibutsu_testing.services import clean_environ, settings_for
 from ibutsu_worker_tests.corpus import REFUSED, SAMPLE_SUMMARY, corpus_files, expected_count
 
 KEYS = {"file", "import_id", "status", "message", "run_id", "summary"}
+
+
+def _database(env: dict[str, str]) -> DatabaseSettings:
+    settings = settings_for(env)
+    assert settings.database is not None
+    return settings.database
 
 
 def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -123,3 +131,58 @@ def test_importing_the_same_file_again_never_imports_it_twice(
     assert again_line["import_id"] == first_line["import_id"] != forced_line["import_id"]
     said = _cli("import", str(report), **service_environ)
     assert f"already imported as {forced_line['import_id']} (pending)" in said.stdout  # newest
+
+
+def test_project_create_prints_the_id_that_import_then_names(
+    service_environ: dict[str, str], tmp_path: Path
+) -> None:
+    env = service_environ
+    assert _cli("db", "upgrade", **env).returncode == 0
+    created = _cli("project", "create", "acme", "--title", "ACME Corp", **env)
+    assert created.returncode == 0, created.stderr
+    project_id = created.stdout.strip()
+    assert str(uuid.UUID(project_id)) == project_id  # the id alone on standard output
+    assert f"project 'acme' ('ACME Corp') created: {project_id}" in created.stderr
+    again = _cli("project", "create", "acme", **env)
+    assert (again.returncode, again.stdout.strip()) == (0, project_id)
+    assert "exists" in again.stderr
+    conflict = _cli("project", "create", "acme", "--title", "Other", **env)
+    assert conflict.returncode == 1
+    assert conflict.stderr.count("\n") == 1 and "Traceback" not in conflict.stderr
+    assert "with title 'ACME Corp', not 'Other'" in conflict.stderr
+    report = tmp_path / "r.xml"
+    report.write_text('<testsuite name="s"><testcase name="t"/></testsuite>')
+    queued = _cli("import", str(report), "--project", "acme", "--json", **env)
+    assert queued.returncode == 0, queued.stderr
+    engine = make_engine(_database(env))
+    with engine.connect() as connection:
+        data: dict[str, Any] = connection.execute(select(Import.data)).scalar_one()
+        projects = connection.execute(select(Project.id, Project.name, Project.title)).all()
+    engine.dispose()
+    assert data["project_id"] == project_id
+    assert [tuple(row) for row in projects] == [(uuid.UUID(project_id), "acme", "ACME Corp")]
+
+
+def test_project_create_refuses_what_upstream_could_not_look_up(
+    service_environ: dict[str, str],
+) -> None:
+    assert _cli("db", "upgrade", **service_environ).returncode == 0
+    for args, said in [
+        (["9b2e6d0a-4c1f-4e55-9a51-2f0c3b7d8e61"], "is read as a project id by Ibutsu's API"),
+        ([""], "a project name must not be empty"),
+        (["acme", "--owner", "nobody@example.com"], "no user with e-mail 'nobody@example.com'"),
+    ]:
+        done = _cli("project", "create", *args, **service_environ)
+        assert (done.returncode, done.stdout) == (1, ""), done.stderr
+        assert done.stderr.startswith("ibutsu-tasks: ") and said in done.stderr
+        assert done.stderr.count("\n") == 1
+    engine = make_engine(_database(service_environ))
+    with engine.connect() as connection:
+        assert connection.execute(select(Project.id)).all() == []
+    engine.dispose()
+
+
+def test_project_create_needs_the_schema(tmp_path: Path) -> None:
+    done = _cli("project", "create", "acme", IBUTSU_EMBEDDED_DIR=str(tmp_path))
+    assert done.returncode == 1
+    assert "run `ibutsu-tasks db upgrade`" in done.stderr
