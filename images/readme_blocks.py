@@ -25,6 +25,7 @@ that ran and Pants' daemon if it was not running before.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import select
@@ -191,10 +192,8 @@ class Shell:
     def stop(self) -> None:
         """End the bash and every process of its group: SIGTERM, then SIGKILL."""
         if self.process.poll() is None:
-            try:
+            with contextlib.suppress(BrokenPipeError):
                 self._send("exit 0")
-            except BrokenPipeError:
-                pass
         _stop_group(self.process.pid)
         try:
             self.process.wait(timeout=STOP_GRACE)
@@ -215,10 +214,8 @@ def _stop_group(pgid: int) -> None:
         if not _group_alive(pgid):
             return
         time.sleep(0.2)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _group_alive(pgid: int) -> bool:
