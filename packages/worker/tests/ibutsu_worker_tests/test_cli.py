@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 from sqlalchemy import select
 
@@ -29,6 +30,21 @@ from ibutsu_worker.submission import PUBLISH_PATIENCE_SECONDS
 from ibutsu_worker_tests.corpus import REFUSED, SAMPLE_SUMMARY, corpus_files, expected_count
 
 KEYS = {"file", "import_id", "status", "message", "run_id", "summary"}
+
+
+@pytest.fixture
+def report(tmp_path: Path) -> Path:
+    """A JUnit report of one passing case, named r.xml."""
+    path = tmp_path / "r.xml"
+    path.write_text('<testsuite name="s"><testcase name="t"/></testsuite>')
+    return path
+
+
+@pytest.fixture
+def upgraded(service_environ: dict[str, str]) -> dict[str, str]:
+    """``service_environ``, its database given the schema by `ibutsu-tasks db upgrade`."""
+    assert _cli("db", "upgrade", **service_environ).returncode == 0
+    return service_environ
 
 
 def _database(env: dict[str, str]) -> DatabaseSettings:
@@ -103,13 +119,10 @@ def test_missing_schema_and_unknown_import_are_one_line_errors(tmp_path: Path) -
 
 
 def test_unreachable_broker_is_waited_for_a_minute_then_the_import_is_named_as_error(
-    service_environ: dict[str, str], tmp_path: Path
+    upgraded: dict[str, str], report: Path
 ) -> None:
-    report = tmp_path / "r.xml"
-    report.write_text('<testsuite name="s"><testcase name="t"/></testsuite>')
     closed = "redis://:broker-s3cret@127.0.0.1:1/0"  # nothing listens on port 1
-    env = {**service_environ, "CELERY_BROKER_URL": closed}
-    assert _cli("db", "upgrade", **env).returncode == 0
+    env = {**upgraded, "CELERY_BROKER_URL": closed}
     started = time.monotonic()
     done = _cli("import", str(report), "--json", **env)
     waited = time.monotonic() - started
@@ -125,7 +138,7 @@ def test_unreachable_broker_is_waited_for_a_minute_then_the_import_is_named_as_e
         "cannot queue r.xml: the broker at 127.0.0.1:1 is unreachable" in done.stderr
         and f"import {printed['import_id']} marked error" in done.stderr
     )
-    engine = make_engine(_database(service_environ))
+    engine = make_engine(_database(upgraded))
     with engine.connect() as connection:
         rows: list[Any] = list(connection.execute(select(Import.id, Import.status, Import.data)))
     engine.dispose()
@@ -135,13 +148,10 @@ def test_unreachable_broker_is_waited_for_a_minute_then_the_import_is_named_as_e
 
 
 def test_a_broker_that_comes_up_while_waited_for_gets_the_import(
-    service_environ: dict[str, str], tmp_path: Path
+    upgraded: dict[str, str], report: Path, tmp_path: Path
 ) -> None:
-    report = tmp_path / "r.xml"
-    report.write_text('<testsuite name="s"><testcase name="t"/></testsuite>')
-    assert _cli("db", "upgrade", **service_environ).returncode == 0
     broker = PrivateRedis(free_port(), tmp_path, durable=False)
-    env = {**service_environ, "CELERY_BROKER_URL": broker.url, "CELERY_RESULT_BACKEND": broker.url}
+    env = {**upgraded, "CELERY_BROKER_URL": broker.url, "CELERY_RESULT_BACKEND": broker.url}
     with _Running(["import", str(report)], env) as running:
         running.wait_for_line(f"the broker at 127.0.0.1:{broker.port} does not answer")
         # Still trying after Kombu's own 4 s, and saying so: only now does the broker start.
@@ -150,7 +160,7 @@ def test_a_broker_that_comes_up_while_waited_for_gets_the_import(
         try:
             assert running.finish(timeout=60) == 0, running.stderr()
             queued = redis.Redis.from_url(broker.url).llen(
-                f"{service_environ['IBUTSU_REDIS_KEY_PREFIX']}celery"
+                f"{upgraded['IBUTSU_REDIS_KEY_PREFIX']}celery"
             )
         finally:
             broker.stop()
@@ -159,17 +169,14 @@ def test_a_broker_that_comes_up_while_waited_for_gets_the_import(
 
 
 def test_import_wait_says_when_no_worker_consumes_the_queue_and_shows_progress(
-    service_environ: dict[str, str], tmp_path: Path
+    upgraded: dict[str, str], report: Path, tmp_path: Path
 ) -> None:
-    report = tmp_path / "r.xml"
-    report.write_text('<testsuite name="s"><testcase name="t"/></testsuite>')
-    assert _cli("db", "upgrade", **service_environ).returncode == 0
-    with _Running(["import", str(report), "--wait"], service_environ) as running:
+    with _Running(["import", str(report), "--wait"], upgraded) as running:
         running.wait_for_stdout("queued as import", timeout=60)
         # Within 10 s of queuing, not after --timeout (600 s).
         running.wait_for_line("no worker consumes queue 'celery' on 127.0.0.1:", timeout=10)
         running.wait_for_line("waiting 5 s: 1 pending", timeout=10)
-        with running_worker("ibutsu_server:worker_app", service_environ, tmp_path / "w.log"):
+        with running_worker("ibutsu_server:worker_app", upgraded, tmp_path / "w.log"):
             assert running.finish(timeout=120) == 0, running.stderr()
     assert "[1/1] r.xml: done" in running.stderr()
     assert "r.xml: done (run " in running.stdout
@@ -194,7 +201,8 @@ class _Running:
             text=True,
         )
         assert self.process.stderr is not None
-        threading.Thread(target=self._read, args=(self.process.stderr,), daemon=True).start()
+        self.reader = threading.Thread(target=self._read, args=(self.process.stderr,), daemon=True)
+        self.reader.start()
         return self
 
     def _read(self, stream: Any) -> None:
@@ -224,8 +232,11 @@ class _Running:
         assert text in line, line
 
     def finish(self, timeout: float) -> int:
-        out, _ = self.process.communicate(timeout=timeout)
-        self.stdout += out
+        """The exit status, once the command has exited and its output is all read."""
+        assert self.process.stdout is not None
+        self.process.wait(timeout=timeout)
+        self.stdout += self.process.stdout.read()
+        self.reader.join(timeout=10)  # standard error read to its end
         return self.process.returncode
 
     def stderr(self) -> str:
@@ -249,29 +260,25 @@ def _readline(stream: Any, timeout: float) -> str:
 
 
 def test_importing_the_same_file_again_never_imports_it_twice(
-    service_environ: dict[str, str], tmp_path: Path
+    upgraded: dict[str, str], report: Path
 ) -> None:
-    report = tmp_path / "r.xml"
-    report.write_text('<testsuite name="s"><testcase name="t"/></testsuite>')
-    assert _cli("db", "upgrade", **service_environ).returncode == 0
-    first = _cli("import", str(report), "--json", **service_environ)
-    again = _cli("import", str(report), "--json", **service_environ)
-    forced = _cli("import", str(report), "--json", "--again", **service_environ)
+    first = _cli("import", str(report), "--json", **upgraded)
+    again = _cli("import", str(report), "--json", **upgraded)
+    forced = _cli("import", str(report), "--json", "--again", **upgraded)
     assert (first.returncode, again.returncode, forced.returncode) == (0, 0, 0), again.stderr
     first_line, again_line, forced_line = (
         json.loads(done.stdout.strip()) for done in (first, again, forced)
     )
     assert first_line["new"] and not again_line["new"] and forced_line["new"]
     assert again_line["import_id"] == first_line["import_id"] != forced_line["import_id"]
-    said = _cli("import", str(report), **service_environ)
+    said = _cli("import", str(report), **upgraded)
     assert f"already imported as {forced_line['import_id']} (pending)" in said.stdout  # newest
 
 
 def test_project_create_prints_the_id_that_import_then_names(
-    service_environ: dict[str, str], tmp_path: Path
+    upgraded: dict[str, str], report: Path
 ) -> None:
-    env = service_environ
-    assert _cli("db", "upgrade", **env).returncode == 0
+    env = upgraded
     created = _cli("project", "create", "acme", "--title", "ACME Corp", **env)
     assert created.returncode == 0, created.stderr
     project_id = created.stdout.strip()
@@ -284,8 +291,6 @@ def test_project_create_prints_the_id_that_import_then_names(
     assert conflict.returncode == 1
     assert conflict.stderr.count("\n") == 1 and "Traceback" not in conflict.stderr
     assert "with title 'ACME Corp', not 'Other'" in conflict.stderr
-    report = tmp_path / "r.xml"
-    report.write_text('<testsuite name="s"><testcase name="t"/></testsuite>')
     queued = _cli("import", str(report), "--project", "acme", "--json", **env)
     assert queued.returncode == 0, queued.stderr
     engine = make_engine(_database(env))
@@ -297,20 +302,17 @@ def test_project_create_prints_the_id_that_import_then_names(
     assert [tuple(row) for row in projects] == [(uuid.UUID(project_id), "acme", "ACME Corp")]
 
 
-def test_project_create_refuses_what_upstream_could_not_look_up(
-    service_environ: dict[str, str],
-) -> None:
-    assert _cli("db", "upgrade", **service_environ).returncode == 0
+def test_project_create_refuses_what_upstream_could_not_look_up(upgraded: dict[str, str]) -> None:
     for args, said in [
         (["9b2e6d0a-4c1f-4e55-9a51-2f0c3b7d8e61"], "is read as a project id by Ibutsu's API"),
         ([""], "a project name must not be empty"),
         (["acme", "--owner", "nobody@example.com"], "no user with e-mail 'nobody@example.com'"),
     ]:
-        done = _cli("project", "create", *args, **service_environ)
+        done = _cli("project", "create", *args, **upgraded)
         assert (done.returncode, done.stdout) == (1, ""), done.stderr
         assert done.stderr.startswith("ibutsu-tasks: ") and said in done.stderr
         assert done.stderr.count("\n") == 1
-    engine = make_engine(_database(service_environ))
+    engine = make_engine(_database(upgraded))
     with engine.connect() as connection:
         assert connection.execute(select(Project.id)).all() == []
     engine.dispose()
