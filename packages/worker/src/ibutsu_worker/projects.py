@@ -1,4 +1,5 @@
-"""Projects: naming one, finding one, creating one with the rules Ibutsu's API applies.
+"""Projects: naming one and creating one with the rules Ibutsu's API applies (finding one by
+id or name is ``Project.named``).
 
 Upstream's API (``project_controller.add_project``, v3.1.1) stores whatever string it is given
 as a project's ``name``; what makes a name usable is how the rest of upstream reads it:
@@ -45,7 +46,8 @@ class Created:
 
 
 def parses_as_uuid(value: str) -> bool:
-    """Whether upstream reads ``value`` as a project's id rather than its name."""
+    """Whether upstream reads ``value`` as a project's id rather than its name (as
+    ``Project.named`` does)."""
     try:
         uuid.UUID(value)
     except ValueError:
@@ -64,16 +66,6 @@ def check_name(name: str) -> None:
             f"{name!r} is read as a project id by Ibutsu's API: an upload could never name a "
             "project called that; choose a name that is not a UUID"
         )
-
-
-def find_project(session: Session, project: str) -> uuid.UUID | None:
-    """The id of the project named by ``project``, as upstream's uploads look it up: a UUID is
-    an id, anything else a name."""
-    if parses_as_uuid(project):
-        condition = Project.id == uuid.UUID(project)
-    else:
-        condition = Project.name == project
-    return session.scalar(select(Project.id).where(condition).order_by(Project.id).limit(1))
 
 
 def _lock_name(session: Session, name: str) -> None:

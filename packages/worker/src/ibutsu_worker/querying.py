@@ -27,9 +27,8 @@ from sqlalchemy import ColumnElement, DateTime, Select, Text, Uuid, cast, func, 
 from sqlalchemy.dialects.postgresql import array
 from sqlalchemy.orm import Session
 
-from ibutsu_server.db.models import Result, Run
+from ibutsu_server.db.models import Project, Result, Run
 from ibutsu_worker.importing.values import parse_timestamp
-from ibutsu_worker.projects import find_project
 
 MAX_PAGE_SIZE = 1000
 MAX_TASK_PAGE_SIZE = 10_000
@@ -320,7 +319,7 @@ def build_query(kind: str, project_id: uuid.UUID, filters: Sequence[Sequence[Any
 def _resolve_project(session: Session, project: str) -> uuid.UUID:
     if not project:
         raise QueryError("a project is required: queries are always scoped to one project")
-    found = find_project(session, project)
+    found = session.scalar(select(Project.id).where(Project.named(project)).limit(1))
     if found is None:
         raise QueryError(f"no project {project!r}")
     return found

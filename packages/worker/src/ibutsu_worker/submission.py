@@ -23,11 +23,12 @@ from sqlalchemy import select
 
 from ibutsu_server import redis_connections, task_names
 from ibutsu_server.app_factory import FlaskCelery, create_flask_celery_app
-from ibutsu_server.db.models import Import, ImportFile, ImportStatus, Run, utcnow
+from ibutsu_server.db.models import Import, ImportFile, ImportStatus, Project, Run, utcnow
 from ibutsu_server.db.sessions import Database
 from ibutsu_server.settings import Role, Settings, redact_url
+from ibutsu_worker.importing.formats import ImportFormat
 from ibutsu_worker.importing.job import mark_error
-from ibutsu_worker.projects import Created, create_project, find_project
+from ibutsu_worker.projects import Created, create_project
 
 POLL_SECONDS = 0.2
 # Queuing waits out a broker restart (README, "Pointing at real Redis and PostgreSQL"): the
@@ -45,7 +46,6 @@ PUBLISH_RETRY = {
 UNREACHABLE_REPORT_SECONDS = 10.0
 # How long workers get to answer "which queues do you consume?" (a broadcast on the broker).
 CONSUMER_QUESTION_SECONDS = 1.0
-GZIP_MAGIC = b"\x1f\x8b"
 
 
 class SubmissionError(Exception):
@@ -76,7 +76,7 @@ class Outcome:
 
     @property
     def finished(self) -> bool:
-        return self.status in (ImportStatus.DONE, ImportStatus.ERROR)
+        return ImportStatus.finished(self.status)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -94,6 +94,13 @@ def _reason(exc: BaseException) -> str:
     host and port they tried, never the credentials, and a URL is masked all the same."""
     text = (str(exc).strip().splitlines() or [""])[0] or type(exc).__name__
     return redact_url(text) if "://" in text else text
+
+
+def import_task_name(content_head: bytes) -> str:
+    """The task the API sends for content starting with ``content_head``."""
+    if ImportFormat.detect(content_head) is ImportFormat.ARCHIVE:
+        return task_names.RUN_ARCHIVE_IMPORT
+    return task_names.RUN_JUNIT_IMPORT
 
 
 def import_record(record: Import) -> dict[str, Any]:
@@ -137,7 +144,7 @@ class Submitter:
         """The id of an existing project, named by id or by name."""
         session = self.db.session()
         try:
-            found = find_project(session, project)
+            found = session.scalar(select(Project.id).where(Project.named(project)).limit(1))
         finally:
             self.db.session.remove()
         if found is None:
@@ -261,15 +268,10 @@ class Submitter:
     def enqueue(self, record: Import, content_head: bytes) -> None:
         """Send the import's task, by name, with the import record as its argument; a broker
         that is away (a restart) is waited for, with backoff, up to PUBLISH_PATIENCE_SECONDS."""
-        name = (
-            task_names.RUN_ARCHIVE_IMPORT
-            if content_head.startswith(GZIP_MAGIC)
-            else task_names.RUN_JUNIT_IMPORT
-        )
         with self.celery.producer_or_acquire() as producer:
             self._connect(producer.connection)
             self.celery.send_task(
-                name,
+                import_task_name(content_head),
                 args=[import_record(record)],
                 producer=producer,
                 retry=True,

@@ -13,7 +13,7 @@ from ibutsu_server.app_factory import FlaskCelery
 from ibutsu_server.db.models import Project, User
 from ibutsu_server.db.schema import users_projects
 from ibutsu_testing.services import wait_for
-from ibutsu_worker.projects import Created, ProjectError, check_name, create_project, find_project
+from ibutsu_worker.projects import Created, ProjectError, check_name, create_project
 
 SOME_UUID = "9b2e6d0a-4c1f-4e55-9a51-2f0c3b7d8e61"
 
@@ -53,9 +53,8 @@ def test_created_once_then_found_by_name_and_by_id(session: Session) -> None:
     assert first.id == again.id == same_title.id
     rows = session.execute(select(Project.name, Project.title, Project.owner_id)).all()
     assert [tuple(row) for row in rows] == [("acme", "ACME Corp", None)]
-    assert find_project(session, "acme") == first.id
-    assert find_project(session, str(first.id)) == first.id
-    assert find_project(session, "other") is None
+    for named in ("acme", str(first.id)):  # found by name and by id
+        assert session.scalars(select(Project.id).where(Project.named(named))).all() == [first.id]
     assert create_project(session, "bare").title == "bare"  # the title defaults to the name
 
 
