@@ -6,7 +6,8 @@ deploy/README.md, images/README.md) takes every fenced block whose info string s
 an `export` or a job started with `&` carries to the next block, as in a reader's terminal),
 with `set -e -o pipefail` and standard input from /dev/null. It prints each block's status and
 wall time, and stops at the first block that fails or outlasts the timeout, naming its
-file:line (exit status 1).
+file:line (exit status 1). It starts nothing while a port the blocks serve on (a
+`127.0.0.1:PORT` they name) is taken (exit status 2).
 
 Words after the language in the info string say how a block is run:
 
@@ -31,6 +32,7 @@ import re
 import select
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -53,6 +55,10 @@ DEFAULT_TIMEOUT = 1800.0
 STOP_GRACE = 15.0
 FENCE = re.compile(r"^(?P<indent> *)(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
 CONTAINER_NAME = re.compile(r"--name[= ](?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*)")
+# Ports the blocks serve on and then ask for (`127.0.0.1:9808/readyz`); the machine's
+# PostgreSQL and Redis are the services they use, not ports they need free.
+LOCAL_PORT = re.compile(r"127\.0\.0\.1:(?P<port>\d{2,5})\b")
+SERVICE_PORTS = {5432, 6379}
 
 
 @dataclass(frozen=True)
@@ -323,6 +329,23 @@ def _cleanup_after_failure(
         say(f"{block.where}: cleanup {status} in {seconds:.1f} s")
 
 
+def ports_in_use(found: Sequence[Block]) -> list[int]:
+    """The ports the blocks that run will serve on that something already listens on (another
+    run of the images' smoke test, say): they would reach it instead of what they start."""
+    wanted = {
+        int(match["port"])
+        for block in found
+        if block.skip_reason is None
+        for match in LOCAL_PORT.finditer(block.text)
+    } - SERVICE_PORTS
+    busy = []
+    for port in sorted(wanted):
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                busy.append(port)
+    return busy
+
+
 def summary(runs: Sequence[FileRun]) -> Iterator[str]:
     """The closing table: every block's status and time, each file's total, the skipped."""
     yield "block                      status    seconds"
@@ -365,6 +388,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 how = block.skip_reason or ("cleanup" if block.cleanup else "run")
                 print(f"{block.where}: {how}")
         return 0
+    busy = ports_in_use([b for path in args.files for b in blocks(path, (REPO / path).read_text())])
+    if busy:
+        say(f"ports in use, which the blocks serve on: {', '.join(map(str, busy))}; stop what")
+        say("listens there (`ss -ltnp`) and run again")
+        return 2
     daemons_before = _pantsd_pids()
     containers: list[str] = []
     runs: list[FileRun] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -118,3 +119,21 @@ def test_a_block_over_the_timeout_is_stopped(
     doc = _write(tmp_path, "a.md", "sh\nsleep 600")
     assert main([doc, "--timeout", "2"]) == 1
     assert f"FAILED {doc}:1: timeout, over 2 s" in capsys.readouterr().out
+
+
+def test_nothing_runs_while_a_port_the_blocks_serve_on_is_taken(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        doc = _write(
+            tmp_path,
+            "a.md",
+            f"sh\ntouch {tmp_path / 'ran'}\ncurl -s 127.0.0.1:{port}/healthz 127.0.0.1:6379",
+            f"sh cluster\ncurl 127.0.0.1:{port + 1}",
+        )
+        assert main([doc]) == 2
+    assert not (tmp_path / "ran").exists()
+    assert f"ports in use, which the blocks serve on: {port};" in capsys.readouterr().out
