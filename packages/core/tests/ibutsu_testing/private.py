@@ -293,7 +293,9 @@ def session_postgres() -> SessionPostgres:
     removed when the process exits."""
     folder = _session_folder("pg")
     data = init_cluster(folder)
-    settings = [arg for name, value in SESSION_PG_SETTINGS.items() for arg in ("-c", f"{name}={value}")]
+    settings = [
+        arg for name, value in SESSION_PG_SETTINGS.items() for arg in ("-c", f"{name}={value}")
+    ]
     log_path = folder / "postgres.log"
     for _ in range(SESSION_START_ATTEMPTS):
         port = free_port()
