@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from ibutsu_benchmarks.common import Figure, Sizes, Target, count_label, fresh_services, say
 from ibutsu_benchmarks.data import RunPlan, settle, write_dataset
 from ibutsu_server.db.models import utcnow
+from ibutsu_server.db.sessions import SessionTransaction
 from ibutsu_worker.pruning import PruneReport, months_ago, prune_results
 
 NAME = "prune"
@@ -133,7 +134,7 @@ def _batched(engine: Engine) -> tuple[float, PruneReport]:
     """Seconds for prune_results with its own batches and commits, and its report."""
     with Session(engine) as session:
         started = time.perf_counter()
-        report = prune_results(session, session.commit, RETENTION_MONTHS)
+        report = prune_results(SessionTransaction(session), RETENTION_MONTHS)
         return time.perf_counter() - started, report
 
 

@@ -39,10 +39,18 @@ class FlaskCelery(IbutsuCelery):
 
     @cached_property
     def flask_app(self) -> Flask:
-        """The Flask app whose context every task runs in."""
+        """The Flask app whose context every task runs in, as upstream's tasks run in theirs.
+
+        What the context is for: code in a task (ours, or a task ported from upstream's, which
+        reaches everything through ``flask.current_app``) finds this Celery app, and through
+        it the role's settings and database, at ``current_app.extensions["celery"]`` (the key
+        Flask's own Celery pattern uses): ``.settings``, ``.database.session()``, the same
+        session the task's transaction commits."""
         from flask import Flask
 
-        return Flask("ibutsu_server")
+        flask_app = Flask("ibutsu_server")
+        flask_app.extensions["celery"] = self
+        return flask_app
 
     @cached_property
     def engine(self) -> Engine:

@@ -5,12 +5,14 @@ pushed, the session commits when the task returns and rolls back when it raises,
 removed. Domain code never commits; a task that must make work visible before it ends (an
 import's "running", each pruning batch) calls :meth:`IbutsuTask.checkpoint`, by name, and one
 that must drop its work but go on (a bad report, whose failure is recorded) calls
-:meth:`IbutsuTask.abandon`. Only
-transient failures (the database or the broker going away, timeouts, deadlocks) are retried,
-with capped exponential backoff and jitter, for a span of time (RETRY_BUDGET_SECONDS from the
-first failure) that outlasts a database failover; bad input is never retried. Work that must
-happen when a task has failed for good (an import marked as failed) goes in
-:meth:`on_final_failure`, which runs in a session scope of its own, tried a few times.
+:meth:`IbutsuTask.abandon`; such code takes the task as a
+:class:`~ibutsu_server.db.sessions.Transaction`, so a test or script can hand it a bare
+session instead. Only transient failures (the database or the broker going away, timeouts,
+deadlocks) are retried, with capped exponential backoff and jitter, for a span of time
+(RETRY_BUDGET_SECONDS from the first failure) that outlasts a database failover; bad input is
+never retried. Work that must happen when a task has failed for good (an import marked as
+failed) goes in :meth:`on_final_failure`, which runs in a session scope of its own, tried a
+few times.
 """
 
 from __future__ import annotations

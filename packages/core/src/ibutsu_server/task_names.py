@@ -35,26 +35,6 @@ ADD_RESULT_START_TIME = f"{_PREFIX}results.add_result_start_time"
 UPDATE_RUN = f"{_PREFIX}runs.update_run"
 SYNC_ABORTED_RUNS = f"{_PREFIX}runs.sync_aborted_runs"
 
-#: Every name the worker registers.
-ALL = frozenset(
-    {
-        IMPORT_RESULTS,
-        RECOVER_IMPORTS,
-        RUN_JUNIT_IMPORT,
-        RUN_ARCHIVE_IMPORT,
-        CLEAR_IMPORT_FILE_CONTENT,
-        PRUNE_OLD_FILES,
-        PRUNE_OLD_RESULTS,
-        PRUNE_OLD_RUNS,
-        PRUNE_OLD_IMPORT_FILES,
-        SEED_USERS,
-        QUERY_TASK,
-        QUERY,
-        ADD_RESULT_START_TIME,
-        UPDATE_RUN,
-        SYNC_ABORTED_RUNS,
-    }
-)
 #: Every name upstream's worker (ibutsu-server 3.1.1) registers.
 UPSTREAM = frozenset(
     {
@@ -72,3 +52,7 @@ UPSTREAM = frozenset(
         SYNC_ABORTED_RUNS,
     }
 )
+#: The names only our worker registers: upstream's worker would discard them.
+OURS = frozenset({IMPORT_RESULTS, RECOVER_IMPORTS, QUERY})
+#: Every name the worker registers.
+ALL = UPSTREAM | OURS

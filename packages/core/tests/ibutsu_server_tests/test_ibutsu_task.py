@@ -108,6 +108,12 @@ def test_a_checkpoint_commits_on_purpose_and_sends_what_was_queued(app: FlaskCel
     assert ("tests.follow_up", [key]) in _queued(app)
 
 
+def test_a_task_reaches_its_transaction_through_the_flask_app_context(app: FlaskCelery) -> None:
+    key = f"context-{uuid.uuid4().hex}"
+    assert app.tasks["tests.through_the_app_context"].apply(args=[key]).get() is True
+    assert _users(app, key) == 1  # committed with the task's transaction
+
+
 def test_a_rollback_on_a_dead_connection_keeps_the_real_error(app: FlaskCelery) -> None:
     key = f"dead-{uuid.uuid4().hex}"
     outcome = app.tasks["tests.fail_on_a_dead_connection"].apply(args=[key])

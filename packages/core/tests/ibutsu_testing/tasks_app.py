@@ -8,6 +8,7 @@ import uuid
 from collections import defaultdict
 from typing import Any
 
+from flask import current_app
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import Session
 
@@ -100,6 +101,14 @@ def register(app: FlaskCelery) -> None:
         self.checkpoint("the first user is made visible")
         self.session.add(user(f"{key}-lost"))
         raise ValueError("bad input")
+
+    @app.task(shared=False, bind=True, name="tests.through_the_app_context")
+    def through_the_app_context(self: IbutsuTask, key: str) -> bool:
+        """Adds a user through the Flask app context, as upstream's tasks reach the database;
+        whether that is the task's own session and settings."""
+        celery_app = current_app.extensions["celery"]
+        celery_app.database.session().add(user(key))
+        return bool(celery_app.database.session() is self.session)
 
     @app.task(shared=False, bind=True, name="tests.fail_on_a_dead_connection")
     def fail_on_a_dead_connection(self: IbutsuTask, key: str) -> None:

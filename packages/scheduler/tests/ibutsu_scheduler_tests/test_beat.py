@@ -75,10 +75,18 @@ def _last_run(env: dict[str, str], entry: str) -> tuple[int, datetime] | None:
     client = redis.Redis.from_url(REDIS_URL)
     meta = client.hget(f"{env['IBUTSU_REDIS_KEY_PREFIX']}redbeat:{entry}", "meta")
     client.close()
-    if meta is None:
-        return None
-    state = json.loads(meta, cls=RedBeatJSONDecoder)
+    state = {} if meta is None else json.loads(meta, cls=RedBeatJSONDecoder)
+    if "total_run_count" not in state:
+        return None  # not sent yet (the entry is known before its first send)
     return int(state["total_run_count"]), state["last_run_at"]
+
+
+def _sent_since(
+    env: dict[str, str], entry: str, since: tuple[int, datetime], more: int
+) -> tuple[int, datetime] | None:
+    """RedBeat's record of ``entry`` once it has sent ``more`` times after ``since``."""
+    run = _last_run(env, entry)
+    return run if run is not None and run[0] >= since[0] + more else None
 
 
 def _leads(port: int) -> bool:
@@ -99,11 +107,13 @@ def test_entries_are_sent_at_their_slots_and_exported(
         assert (http_get(port, "/metrics")[0], http_get(port, "/healthz")[0]) == (401, 200)
         assert http_get(port, "/metrics", "prometheus:wrong-password")[0] == 401
         wait_for(lambda: _leads(port), timeout=30)
-        first = wait_for(lambda: _count(service_environ, "fast"), timeout=30)
-        started = time.monotonic()
-        wait_for(lambda: _count(service_environ, "fast") >= first + 2, timeout=30)
-        # Two more slots: never sooner than the schedule allows (the poll adds, never removes).
-        assert time.monotonic() - started >= 2 * FAST_SECONDS - 0.5
+        first = wait_for(lambda: _last_run(service_environ, "tick-fast"), timeout=30)
+        later = wait_for(
+            lambda: _sent_since(service_environ, "tick-fast", first, 2), timeout=30, interval=0.05
+        )
+        # Two more slots, as the scheduler recorded them: never sooner than the schedule allows
+        # (the poll adds, never removes).
+        assert (later[1] - first[1]).total_seconds() >= 2 * FAST_SECONDS - 0.5
         wait_for(lambda: _count(service_environ, "slow") >= 2, timeout=30)
         # Exactly what went out, per entry; the next send of every entry, due or not.
         wait_for(lambda: _counted_every_send(port, service_environ), timeout=10)
@@ -136,8 +146,7 @@ def test_two_schedulers_send_each_slot_once_and_a_standby_takes_over(
             sends = dead_leaders[0]
 
             def standby_sent(more: int) -> tuple[int, datetime] | None:
-                run = _last_run(service_environ, "tick-fast")
-                return run if run is not None and run[0] >= sends + more else None
+                return _sent_since(service_environ, "tick-fast", dead_leaders, more)
 
             # The standby's sends, caught as they happen (a slot is 2 s).
             first_send = wait_for(lambda: standby_sent(1), timeout=TAKEOVER_DEADLINE, interval=0.05)

@@ -6,7 +6,7 @@ belong to a doomed row are deleted before it (upstream's foreign keys do not cas
 newer row can never block the delete. The ages are upstream's: artifacts by upload date,
 results and runs by start time, imports (with their files) by when they were created.
 
-Each batch ends with ``commit``, the caller's named checkpoint; nothing else here commits.
+Each batch ends with a checkpoint of the caller's transaction; nothing else here commits.
 
 What a batch of results costs (EXPLAIN ANALYZE, 10,000 results): about four fifths is the
 foreign-key check of ``artifacts.result_id``, one index probe per deleted result (20-40 us
@@ -40,10 +40,10 @@ from sqlalchemy import (
     literal_column,
     select,
 )
-from sqlalchemy.orm import Session
 from sqlalchemy.sql.base import ReadOnlyColumnCollection
 
 from ibutsu_server.db.models import Artifact, Base, Import, ImportFile, Result, Run, utcnow
+from ibutsu_server.db.sessions import Transaction
 
 log = logging.getLogger(__name__)
 
@@ -118,17 +118,15 @@ def _columns(model: type[Base]) -> ReadOnlyColumnCollection[str, Column[Any]]:
     return cast(Table, model.__table__).c
 
 
-Commit = Callable[[], None]
-
 
 class Pruner:
     """Deletes rows older than a cutoff in batches, each batch its own timed transaction."""
 
     def __init__(
-        self, session: Session, commit: Commit, cutoff: datetime, batch_size: int | None = None
+        self, transaction: Transaction, cutoff: datetime, batch_size: int | None = None
     ) -> None:
-        self.session = session
-        self.commit = commit
+        self.transaction = transaction
+        self.session = transaction.session
         self.batch_size = batch_size or BATCH_SIZE
         self.adaptive = batch_size is None
         self.report = PruneReport(cutoff=cutoff)
@@ -256,41 +254,41 @@ class Pruner:
             self.report.count(table.name, done.rowcount)
 
     def _commit(self, started: float) -> None:
-        self.commit()
+        self.transaction.checkpoint("a pruning batch")
         elapsed = time.perf_counter() - started
         self.report.batches += 1
         self.report.longest_batch_seconds = max(self.report.longest_batch_seconds, elapsed)
 
 
 def prune_artifacts(
-    session: Session, commit: Commit, months: object, batch_size: int | None = None
+    transaction: Transaction, months: object, batch_size: int | None = None
 ) -> PruneReport:
     """Delete artifacts uploaded more than ``months`` months ago."""
     cutoff = months_ago(utcnow(), check_months("artifacts", months))
-    pruner = Pruner(session, commit, cutoff, batch_size)
+    pruner = Pruner(transaction, cutoff, batch_size)
     artifacts = _columns(Artifact)
     pruner.by_time(artifacts.upload_date, artifacts.id)
     return _logged("artifacts", pruner.report)
 
 
 def prune_results(
-    session: Session, commit: Commit, months: object, batch_size: int | None = None
+    transaction: Transaction, months: object, batch_size: int | None = None
 ) -> PruneReport:
     """Delete results that started more than ``months`` months ago, their artifacts first."""
     cutoff = months_ago(utcnow(), check_months("results", months))
-    pruner = Pruner(session, commit, cutoff, batch_size)
+    pruner = Pruner(transaction, cutoff, batch_size)
     results = _columns(Result)
     pruner.by_time(results.start_time, results.id, [_columns(Artifact).result_id])
     return _logged("results", pruner.report)
 
 
 def prune_runs(
-    session: Session, commit: Commit, months: object, batch_size: int | None = None
+    transaction: Transaction, months: object, batch_size: int | None = None
 ) -> PruneReport:
     """Delete runs that started more than ``months`` months ago with their results and
     artifacts; a run's results go in batches first, so no transaction grows with a run."""
     cutoff = months_ago(utcnow(), check_months("runs", months))
-    pruner = Pruner(session, commit, cutoff, batch_size)
+    pruner = Pruner(transaction, cutoff, batch_size)
     artifacts, results, runs = _columns(Artifact), _columns(Result), _columns(Run)
 
     def results_first(run_ids: list[uuid.UUID]) -> None:
@@ -308,12 +306,12 @@ def prune_runs(
 
 
 def prune_imports(
-    session: Session, commit: Commit, days: object, batch_size: int | None = None
+    transaction: Transaction, days: object, batch_size: int | None = None
 ) -> PruneReport:
     """Delete imports created more than ``days`` days ago, with their stored files."""
     days = check_retention("imports", days, "days", MIN_IMPORT_FILE_DAYS)
     cutoff = utcnow() - timedelta(days=days)
-    pruner = Pruner(session, commit, cutoff, batch_size)
+    pruner = Pruner(transaction, cutoff, batch_size)
     imports = _columns(Import)
     pruner.by_time(imports.created, imports.id, [_columns(ImportFile).import_id])
     return _logged("imports", pruner.report)

@@ -319,11 +319,7 @@ def build_query(kind: str, project_id: uuid.UUID, filters: Sequence[Sequence[Any
 def _resolve_project(session: Session, project: str) -> uuid.UUID:
     if not project:
         raise QueryError("a project is required: queries are always scoped to one project")
-    try:
-        condition = Project.id == uuid.UUID(project)
-    except ValueError:
-        condition = Project.name == project
-    found = session.scalar(select(Project.id).where(condition))
+    found = session.scalar(select(Project.id).where(Project.named(project)).limit(1))
     if found is None:
         raise QueryError(f"no project {project!r}")
     return found

@@ -3,10 +3,16 @@
 
 Celery's SIGTERM is a warm shutdown that waits for running tasks however long they take, so a
 long import outlives the pod's grace period and is SIGKILLed with it; its message then waits
-for the visibility timeout. Celery's cold shutdown with a soft timeout does what a pod needs
-(it is what ``REMAP_SIGTERM=SIGQUIT`` selects, but that variable is read before the worker's
-app is loaded): tasks still running at the timeout are cancelled, their transactions roll back,
-and their never-acknowledged messages go straight back to the queue for another worker.
+for the visibility timeout. Celery's cold shutdown with a soft timeout does what a pod needs:
+tasks still running at the timeout are cancelled, their transactions roll back, and their
+never-acknowledged messages go straight back to the queue for another worker.
+
+Celery's documented switch for it, ``REMAP_SIGTERM=SIGQUIT``, is an environment variable read
+when ``celery`` starts, before the app is loaded, so no setting of ours can turn it on: a worker
+started without it (a plain ``celery worker``, a manifest written for upstream's workers) would
+keep the warm shutdown. So the handler is installed here, through Celery's own
+``_shutdown_handler`` (private: pinned by the lock file, and the fault suite's SIGTERM test
+fails if it changes).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from ibutsu_server.app_factory import FlaskCelery, create_flask_celery_app
 from ibutsu_server.db.models import Import, ImportFile, ImportStatus, Project, Run, utcnow
 from ibutsu_server.db.sessions import Database
 from ibutsu_server.settings import Role, Settings
+from ibutsu_worker.importing.formats import ImportFormat
 from ibutsu_worker.importing.job import mark_error
 
 POLL_SECONDS = 0.2
@@ -36,7 +37,6 @@ PUBLISH_RETRY = {
     "interval_step": 1.0,
     "interval_max": 8.0,
 }
-GZIP_MAGIC = b"\x1f\x8b"
 
 
 class SubmissionError(Exception):
@@ -56,7 +56,7 @@ class Outcome:
 
     @property
     def finished(self) -> bool:
-        return self.status in (ImportStatus.DONE, ImportStatus.ERROR)
+        return ImportStatus.finished(self.status)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -67,6 +67,13 @@ class Outcome:
             "run_id": self.run_id,
             "summary": self.summary,
         }
+
+
+def import_task_name(content_head: bytes) -> str:
+    """The task the API sends for content starting with ``content_head``."""
+    if ImportFormat.detect(content_head) is ImportFormat.ARCHIVE:
+        return task_names.RUN_ARCHIVE_IMPORT
+    return task_names.RUN_JUNIT_IMPORT
 
 
 def import_record(record: Import) -> dict[str, Any]:
@@ -103,11 +110,7 @@ class Submitter:
         """The id of an existing project, named by id or by name."""
         session = self.db.session()
         try:
-            try:
-                condition = Project.id == uuid.UUID(project)
-            except ValueError:
-                condition = Project.name == project
-            found = session.scalar(select(Project.id).where(condition).limit(1))
+            found = session.scalar(select(Project.id).where(Project.named(project)).limit(1))
         finally:
             self.db.session.remove()
         if found is None:
@@ -194,13 +197,11 @@ class Submitter:
     def enqueue(self, record: Import, content_head: bytes) -> None:
         """Send the import's task, by name, with the import record as its argument; a broker
         that is away for a moment (a restart) is waited for, with backoff."""
-        name = (
-            task_names.RUN_ARCHIVE_IMPORT
-            if content_head.startswith(GZIP_MAGIC)
-            else task_names.RUN_JUNIT_IMPORT
-        )
         self.celery.send_task(
-            name, args=[import_record(record)], retry=True, retry_policy=PUBLISH_RETRY
+            import_task_name(content_head),
+            args=[import_record(record)],
+            retry=True,
+            retry_policy=PUBLISH_RETRY,
         )
 
     def submit(

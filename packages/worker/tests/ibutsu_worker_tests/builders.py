@@ -30,24 +30,28 @@ def add_run(
     *,
     start: datetime | None = None,
     duration: float = 0.5,
-    result_fields: dict[str, Any] | None = None,
+    result_fields: dict[str, Any] | Callable[[int], dict[str, Any]] | None = None,
     **fields: Any,
 ) -> uuid.UUID:
-    """A run and one result per outcome, a second apart from ``start`` (an hour ago)."""
+    """A run and one result per outcome, a second apart from ``start`` (an hour ago);
+    ``result_fields`` sets more columns of every result, or of the n-th (a function of n)."""
     start = start or utcnow() - timedelta(hours=1)
     run = Run(id=uuid.uuid4(), start_time=start, created=fields.pop("created", start), **fields)
     session.add(run)
     session.flush()
+    more = result_fields if callable(result_fields) else lambda _: result_fields or {}
     session.add_all(
         Result(
-            id=uuid.uuid4(),
-            run_id=run.id,
-            project_id=run.project_id,
-            test_id=f"t{n}",
-            result=outcome,
-            duration=duration,
-            start_time=start + timedelta(seconds=n),
-            **(result_fields or {}),
+            **{
+                "id": uuid.uuid4(),
+                "run_id": run.id,
+                "project_id": run.project_id,
+                "test_id": f"t{n}",
+                "result": outcome,
+                "duration": duration,
+                "start_time": start + timedelta(seconds=n),
+                **more(n),
+            }
         )
         for n, outcome in enumerate(outcomes)
     )

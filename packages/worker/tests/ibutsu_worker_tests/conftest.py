@@ -9,11 +9,10 @@ from sqlalchemy.orm import Session
 
 from ibutsu_server.app_factory import FlaskCelery
 from ibutsu_server.db.migrate import upgrade
-from ibutsu_server.task_names import RUN_ARCHIVE_IMPORT, RUN_JUNIT_IMPORT
 from ibutsu_testing.fixtures import service_environ
 from ibutsu_testing.services import settings_for
 from ibutsu_worker.factory import create_worker_app
-from ibutsu_worker.submission import Outcome, Submitter, import_record
+from ibutsu_worker.submission import Outcome, Submitter, import_record, import_task_name
 from ibutsu_worker_tests.builders import ImportRunner
 from ibutsu_worker_tests.dbsession import migrated_session
 
@@ -63,7 +62,7 @@ def run_import(worker_app: FlaskCelery, submitter: Submitter) -> ImportRunner:
 
     def run(path: Path, **upload: Any) -> Outcome:
         record = submitter.store(path, **upload)
-        name = RUN_ARCHIVE_IMPORT if path.read_bytes()[:2] == b"\x1f\x8b" else RUN_JUNIT_IMPORT
+        name = import_task_name(path.read_bytes()[:2])
         worker_app.tasks[name].apply(args=[import_record(record)]).get()
         return submitter.outcome(str(record.id))
 

@@ -46,6 +46,7 @@ from ibutsu_testing.services import (
     wait_for,
 )
 from ibutsu_worker_tests.archives import Sample
+from ibutsu_worker_tests.builders import add_run
 
 # Upstream's messages and schema, in the test's sandbox at its repository path (see BUILD).
 UPSTREAM = Path("testdata/ibutsu-upstream")
@@ -335,21 +336,7 @@ def _api_run(ibutsu: Ibutsu, results: int, **fields: Any) -> uuid.UUID:
     """A run posted through the API: its client's summary, then its results."""
     with ibutsu.session() as session:
         start = utcnow() - timedelta(minutes=10)
-        run = Run(id=uuid.uuid4(), start_time=start, created=start, **fields)
-        session.add(run)
-        session.flush()
-        session.add_all(
-            Result(
-                id=uuid.uuid4(),
-                run_id=run.id,
-                test_id=f"api_{n}",
-                result="passed",
-                start_time=start,
-            )
-            for n in range(results)
-        )
-        session.commit()
-        return run.id
+        return add_run(session, ["passed"] * results, start=start, **fields)
 
 
 def test_a_run_posted_through_the_api_is_updated_after_five_seconds(ibutsu: Ibutsu) -> None:

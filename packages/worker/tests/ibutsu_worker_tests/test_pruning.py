@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ibutsu_server.db.models import Artifact, Import, ImportFile, Result, Run, utcnow
+from ibutsu_server.db.sessions import SessionTransaction
 from ibutsu_worker import pruning
 from ibutsu_worker.pruning import (
     RetentionRefused,
@@ -20,33 +21,28 @@ from ibutsu_worker.pruning import (
     prune_results,
     prune_runs,
 )
+from ibutsu_worker_tests.builders import add_run
 
 OLD = utcnow() - timedelta(days=800)
 RECENT = utcnow() - timedelta(days=1)
 
 
 def _run(session: Session, when: datetime, results: int, artifact_date: datetime) -> uuid.UUID:
-    run = Run(id=uuid.uuid4(), start_time=when, created=when)
-    session.add(run)
-    session.flush()
-    for n in range(results):
-        result = Result(
-            id=uuid.uuid4(), run_id=run.id, test_id=f"t{n}", result="passed", start_time=when
+    """A run started ``when`` with ``results`` results, each with an artifact."""
+    run_id = add_run(session, ["passed"] * results, start=when, result_fields={"start_time": when})
+    session.add_all(
+        Artifact(
+            id=uuid.uuid4(),
+            result_id=result_id,
+            run_id=run_id,
+            filename="log.txt",
+            content=b"x",
+            upload_date=artifact_date,
         )
-        session.add(result)
-        session.flush()
-        session.add(
-            Artifact(
-                id=uuid.uuid4(),
-                result_id=result.id,
-                run_id=run.id,
-                filename="log.txt",
-                content=b"x",
-                upload_date=artifact_date,
-            )
-        )
+        for result_id in session.scalars(select(Result.id).where(Result.run_id == run_id))
+    )
     session.commit()
-    return run.id
+    return run_id
 
 
 def _count(session: Session, model: type) -> int:
@@ -56,7 +52,7 @@ def _count(session: Session, model: type) -> int:
 def test_old_results_go_even_when_a_newer_artifact_points_at_them(session: Session) -> None:
     _run(session, OLD, results=7, artifact_date=utcnow())  # newer artifacts on old results
     _run(session, RECENT, results=2, artifact_date=RECENT)
-    report = prune_results(session, session.commit, 5, batch_size=3)
+    report = prune_results(SessionTransaction(session), 5, batch_size=3)
     assert report.deleted == {"artifacts": 7, "results": 7}
     # Seven rows with the same start time, three at a time: ties cross batch boundaries.
     assert report.batches == 3
@@ -73,7 +69,7 @@ def test_old_runs_go_with_their_results_and_artifacts(session: Session) -> None:
     )
     session.commit()
     recent = _run(session, RECENT, results=3, artifact_date=RECENT)
-    report = prune_runs(session, session.commit, 12, batch_size=2)
+    report = prune_runs(SessionTransaction(session), 12, batch_size=2)
     assert report.deleted == {"artifacts": 6, "results": 5, "runs": 1}
     assert session.scalars(select(Run.id)).all() == [recent]
     assert (_count(session, Result), _count(session, Artifact)) == (3, 3)
@@ -83,7 +79,7 @@ def test_old_runs_go_with_their_results_and_artifacts(session: Session) -> None:
 def test_old_artifact_files_go_alone(session: Session) -> None:
     _run(session, RECENT, results=4, artifact_date=OLD)
     _run(session, RECENT, results=1, artifact_date=RECENT)
-    report = prune_artifacts(session, session.commit, 3)
+    report = prune_artifacts(SessionTransaction(session), 3)
     assert report.deleted == {"artifacts": 4}
     assert (_count(session, Result), _count(session, Artifact)) == (5, 1)
 
@@ -95,7 +91,7 @@ def test_old_imports_go_with_their_files(session: Session) -> None:
         session.flush()
         session.add(ImportFile(id=uuid.uuid4(), import_id=record.id, content=b"<testsuite/>"))
     session.commit()
-    report = prune_imports(session, session.commit, 7)
+    report = prune_imports(SessionTransaction(session), 7)
     # By when they were created, as upstream prunes them; the files go first.
     assert report.deleted == {"import_files": 3, "imports": 3}
     assert (_count(session, ImportFile), _count(session, Import)) == (1, 1)
@@ -103,7 +99,7 @@ def test_old_imports_go_with_their_files(session: Session) -> None:
 
 def test_nothing_to_prune_reports_zero(session: Session) -> None:
     _run(session, RECENT, results=1, artifact_date=RECENT)
-    assert prune_runs(session, session.commit, 12).deleted == {}
+    assert prune_runs(SessionTransaction(session), 12).deleted == {}
 
 
 @pytest.mark.parametrize("months", [0, -1, "0", "three", 2.5, True, None])
@@ -111,14 +107,14 @@ def test_dangerous_retention_is_refused(session: Session, months: object) -> Non
     _run(session, OLD, results=1, artifact_date=OLD)
     for prune in (prune_results, prune_runs, prune_artifacts, prune_imports):
         with pytest.raises(RetentionRefused, match="refusing to prune"):
-            prune(session, session.commit, months)
+            prune(SessionTransaction(session), months)
     assert _count(session, Result) == 1
 
 
 def test_a_retention_given_as_text_counts(session: Session) -> None:
     # The admin page may send the form's text; upstream accepts it too.
     _run(session, OLD, results=1, artifact_date=OLD)
-    assert prune_results(session, session.commit, "5").deleted == {"artifacts": 1, "results": 1}
+    assert prune_results(SessionTransaction(session), "5").deleted == {"artifacts": 1, "results": 1}
 
 
 def test_months_ago_clamps_to_month_end() -> None:
@@ -136,9 +132,9 @@ def test_batches_shrink_when_they_take_long_unless_their_size_is_fixed(
     monkeypatch.setattr(pruning, "BATCH_SIZE", 4)
     monkeypatch.setattr(pruning, "MIN_BATCH", 1)
     _run(session, OLD, results=7, artifact_date=OLD)
-    report = prune_results(session, session.commit, 5)
+    report = prune_results(SessionTransaction(session), 5)
     # Each DELETE takes a second, twice BATCH_SECONDS: each batch is half the one before.
     assert report.deleted == {"artifacts": 7, "results": 7}
     assert report.batches == 4  # 4, 2, 1, then none left
     _run(session, OLD, results=7, artifact_date=OLD)
-    assert prune_results(session, session.commit, 5, batch_size=4).batches == 2
+    assert prune_results(SessionTransaction(session), 5, batch_size=4).batches == 2

@@ -19,7 +19,7 @@ from ibutsu_worker.querying import (
     run_query,
     task_query,
 )
-from ibutsu_worker_tests.builders import add_project
+from ibutsu_worker_tests.builders import add_project, add_run
 
 RESULT_KEYS = {
     "id", "project_id", "run_id", "test_id", "result", "metadata", "params", "duration",
@@ -35,33 +35,26 @@ RUN_KEYS = {
 def populated(session: Session) -> Session:
     """The shared migrated session, with two projects' runs and results in it."""
     for name, count in (("acme", 30), ("other", 10)):
-        project = add_project(session, name)
         start = utcnow()
-        run = Run(
-            id=uuid.uuid4(),
-            project_id=project,
+
+        def result(n: int, start: datetime = start) -> dict[str, Any]:
+            return {
+                "test_id": f"test_{n}",
+                "duration": float(n),
+                "start_time": start - timedelta(minutes=n),
+                "data": {"jira": f"BUG-{n % 2}", "tags": ["slow"] if n == 1 else []},
+            }
+
+        add_run(
+            session,
+            ["failed" if n % 3 == 0 else "passed" for n in range(count)],
+            start=start,
+            result_fields=result,
+            project_id=add_project(session, name),
             component="ui",
-            start_time=start,
-            created=start,
             summary={"tests": count, "pass_percent": 66},
             data={"tags": ["nightly"], "jenkins": {"build_number": "12"}},
         )
-        session.add(run)
-        session.flush()
-        session.add_all(
-            Result(
-                id=uuid.uuid4(),
-                run_id=run.id,
-                project_id=project,
-                test_id=f"test_{n}",
-                result="failed" if n % 3 == 0 else "passed",
-                duration=float(n),
-                start_time=start - timedelta(minutes=n),
-                data={"jira": f"BUG-{n % 2}", "tags": ["slow"] if n == 1 else []},
-            )
-            for n in range(count)
-        )
-    session.commit()
     return session
 
 

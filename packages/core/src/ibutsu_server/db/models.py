@@ -8,6 +8,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy import ColumnElement
 from sqlalchemy.orm import DeclarativeBase, Mapped
 
 from ibutsu_server.db import schema
@@ -59,9 +60,10 @@ class ImportStatus(enum.StrEnum):
     DONE = "done"
     ERROR = "error"
 
-    @property
-    def finished(self) -> bool:
-        return self in (ImportStatus.DONE, ImportStatus.ERROR)
+    @classmethod
+    def finished(cls, status: str | None) -> bool:
+        """Whether an import's stored ``status`` is final (done or error)."""
+        return status in (cls.DONE, cls.ERROR)
 
 
 class Base(DeclarativeBase):
@@ -75,6 +77,15 @@ class Project(Base):
     name: Mapped[str | None]
     title: Mapped[str | None]
     owner_id: Mapped[uuid.UUID | None]
+
+    @classmethod
+    def named(cls, project: str) -> ColumnElement[bool]:
+        """The condition for the project ``project`` names: by id when it is one, else by name
+        (as the API and its users name projects)."""
+        try:
+            return cls.id == uuid.UUID(project)
+        except ValueError:
+            return cls.name == project
 
 
 class User(Base):

@@ -6,7 +6,8 @@ imports it, and the scheduler, which runs no task, should not pay for the ORM at
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Engine, event
 
@@ -14,6 +15,36 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session, scoped_session
 
 _AFTER_COMMIT = "ibutsu_after_commit"
+
+
+class Transaction(Protocol):
+    """The seam for domain code that must commit before its task ends (an import's "running",
+    each pruning batch): the session it works in, and commits and rollbacks by name. A task
+    (IbutsuTask) is one; :class:`SessionTransaction` is one over a bare session."""
+
+    @property
+    def session(self) -> Session: ...
+
+    def checkpoint(self, reason: str) -> None:
+        """Commit now, so others see the work so far; ``reason`` says why."""
+
+    def abandon(self, reason: str) -> None:
+        """Roll back the work since the last checkpoint and go on; ``reason`` says why."""
+
+
+@dataclass
+class SessionTransaction:
+    """A :class:`Transaction` over a session of the caller's (tests, benchmarks, scripts)."""
+
+    session: Session
+
+    def checkpoint(self, reason: str) -> None:
+        """Commit the session."""
+        self.session.commit()
+
+    def abandon(self, reason: str) -> None:
+        """Roll the session back."""
+        self.session.rollback()
 
 
 def after_commit(session: Session, callback: Callable[[], Any]) -> None:

@@ -9,9 +9,6 @@ MAX_QUOTED = 120
 class ReportError(Exception):
     """The report cannot be imported; the message says why, for the person who uploaded it."""
 
-    #: The detected format ('junit', 'archive'), once known; for the imports metric.
-    format = "unknown"
-
 
 def quoted(value: object) -> str:
     """``value`` quoted for a message, shortened so that no input can make a message long."""

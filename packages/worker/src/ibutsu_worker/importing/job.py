@@ -27,15 +27,16 @@ from contextlib import closing, suppress
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, Select, and_, func, select, text, update
+from sqlalchemy import Engine, Select, Update, and_, func, select, text, update
 from sqlalchemy.orm import Session
 
 from ibutsu_server.db.models import Import, ImportFile, ImportStatus, Project, utcnow
-from ibutsu_server.ibutsu_task import IbutsuTask
+from ibutsu_server.db.sessions import Transaction
 from ibutsu_server.settings import ImportLimits
 from ibutsu_worker.importing.archive import archive_records
 from ibutsu_worker.importing.budget import Budget
 from ibutsu_worker.importing.errors import ReportError, quoted
+from ibutsu_worker.importing.formats import ImportFormat
 from ibutsu_worker.importing.junit import NOT_A_REPORT, JUnitReader
 from ibutsu_worker.importing.landing import Landed, Upload, land
 from ibutsu_worker.importing.records import Record
@@ -44,8 +45,6 @@ from ibutsu_worker.importing.tar_reader import unpacked_size
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1024 * 1024
-GZIP_MAGIC = b"\x1f\x8b"
-_UTF8_BOM = b"\xef\xbb\xbf"
 
 Reader = Callable[[Iterator[bytes], ImportLimits], Iterable[Record]]
 
@@ -54,16 +53,10 @@ def _junit(chunks: Iterator[bytes], limits: ImportLimits) -> Iterable[Record]:
     return JUnitReader(limits).records(chunks)
 
 
-READERS: dict[str, Reader] = {"junit": _junit, "archive": archive_records}
-
-
-def detect_format(head: bytes) -> str:
-    """'junit' or 'archive' from the first bytes of the content, never from the file name."""
-    if head.startswith(GZIP_MAGIC):
-        return "archive"
-    if head.removeprefix(_UTF8_BOM).lstrip().startswith(b"<"):
-        return "junit"
-    raise ReportError(NOT_A_REPORT)
+READERS: dict[ImportFormat, Reader] = {
+    ImportFormat.JUNIT: _junit,
+    ImportFormat.ARCHIVE: archive_records,
+}
 
 
 def import_id_of(value: Any) -> uuid.UUID | None:
@@ -83,16 +76,19 @@ class Outcome:
 
     import_id: uuid.UUID
     status: ImportStatus
-    format: str
+    format: ImportFormat
     results: int = 0
     run_id: uuid.UUID | None = None
     error: str | None = None
 
 
-def run(task: IbutsuTask, import_id: uuid.UUID, limits: ImportLimits) -> Outcome | None:
-    """Run the import ``import_id`` in ``task``'s transaction; None when there is nothing to do
-    (no such import, or already finished)."""
-    session = task.session
+def run(
+    transaction: Transaction, import_id: uuid.UUID, limits: ImportLimits, delivery: str
+) -> Outcome | None:
+    """Run the import ``import_id`` in ``transaction``; None when there is nothing to do (no
+    such import, or already finished). ``delivery`` names the message being run (the same
+    for a redelivery of it, new for a retry)."""
+    session = transaction.session
     claimed = _locked(session, import_id)
     if claimed is None:
         return None
@@ -100,13 +96,12 @@ def run(task: IbutsuTask, import_id: uuid.UUID, limits: ImportLimits) -> Outcome
     data = record.data or {}
     # The same message again (same task, same retry) means the worker died while importing it
     # (Celery redelivers after a kill): a report that kills workers must stop, not loop.
-    delivery = f"{task.request.id}:{task.request.retries}"
     last = data.get("deliveries") or {}
     count = last.get("count", 0) + 1 if last.get("delivery") == delivery else 1
     if count > limits.max_deliveries:
         message = limits.refusal("max_deliveries", count - 1)
         mark_error(session, import_id, message)
-        return Outcome(import_id, ImportStatus.ERROR, "unknown", error=message)
+        return Outcome(import_id, ImportStatus.ERROR, ImportFormat.UNKNOWN, error=message)
     running = {**data, "started": utcnow().isoformat()}
     running["deliveries"] = {"delivery": delivery, "count": count}
     # A plain UPDATE: the ORM's unit of work costs more than the statement (read again below).
@@ -115,13 +110,13 @@ def run(task: IbutsuTask, import_id: uuid.UUID, limits: ImportLimits) -> Outcome
         .where(Import.id == import_id)
         .values(status=ImportStatus.RUNNING, data=running)
     )
-    task.checkpoint("the import shows as running")
+    transaction.checkpoint("the import shows as running")
     # Locked again, for the rest of the import: a second delivery waits here, then finds it done.
     claimed = _locked(session, import_id, with_file=True)
     if claimed is None:
         return None
     record, stored = claimed
-    fmt = "unknown"
+    fmt = ImportFormat.UNKNOWN
     chunks: Generator[bytes] | None = None
     try:
         if stored is None:
@@ -129,10 +124,12 @@ def run(task: IbutsuTask, import_id: uuid.UUID, limits: ImportLimits) -> Outcome
         if stored.length > limits.max_upload_bytes:
             raise ReportError(limits.refusal("max_upload_bytes", stored.length))
         engine = session.get_bind().engine
-        fmt = detect_format(stored.head)
+        fmt = ImportFormat.detect(stored.head)
+        if fmt is ImportFormat.UNKNOWN:
+            raise ReportError(NOT_A_REPORT)
         upload = _upload(session, record)
         size = stored.length
-        if fmt == "archive":
+        if fmt is ImportFormat.ARCHIVE:
             # Read once first, keeping nothing: a gzip bomb (or a link, a path outside...) is
             # refused having spooled and written nothing; the budget knows its real size.
             with closing(content_chunks(engine, stored.id, stored.length, stored.head)) as whole:
@@ -141,13 +138,13 @@ def run(task: IbutsuTask, import_id: uuid.UUID, limits: ImportLimits) -> Outcome
         chunks = content_chunks(engine, stored.id, stored.length, stored.head)
         landed = land(session, upload, READERS[fmt](chunks, limits), budget)
     except ReportError as exc:
-        task.abandon("the report cannot be imported")
+        transaction.abandon("the report cannot be imported")
         mark_error(session, import_id, str(exc), fmt)
         return Outcome(import_id, ImportStatus.ERROR, fmt, error=str(exc))
     finally:
         if chunks is not None:
             chunks.close()  # its connection back now, not whenever the generator is collected
-    _mark_done(session, record, fmt, landed, stored.id)
+    _mark_done(session, record, fmt, landed)
     return Outcome(import_id, ImportStatus.DONE, fmt, landed.results, landed.run_id)
 
 
@@ -183,7 +180,7 @@ def _locked(
         log.warning("import %s does not exist; nothing to do", import_id)
         return None
     record: Import = row[0]
-    if record.status in (ImportStatus.DONE, ImportStatus.ERROR):
+    if ImportStatus.finished(record.status):
         log.info("import %s is already %s; nothing to do", import_id, record.status)
         return None
     if not with_file or row[1] is None:
@@ -282,7 +279,7 @@ def content_chunks(
 
 
 def _mark_done(
-    session: Session, record: Import, fmt: str, landed: Landed, file_id: uuid.UUID
+    session: Session, record: Import, fmt: ImportFormat, landed: Landed
 ) -> None:
     data = {key: value for key, value in (record.data or {}).items() if key != "error"}
     data.update(run_id=[str(landed.run_id)], result_count=landed.results)
@@ -295,8 +292,7 @@ def _mark_done(
         .where(Import.id == record.id)
         .values(format=fmt, status=ImportStatus.DONE, data=data)
     )
-    # The report has served its purpose; keep the row, drop the bytes.
-    cleared = update(ImportFile).where(ImportFile.id == file_id).values(content=None)
+    cleared = drop_stored_report(record.id)
     connection = session.connection()
     if connection.dialect.name == "postgresql":  # both in one statement, one round trip
         connection.execute(done.add_cte(cleared.returning(ImportFile.id).cte("cleared")))
@@ -305,8 +301,17 @@ def _mark_done(
         connection.execute(cleared)
 
 
+def drop_stored_report(import_id: uuid.UUID) -> Update:
+    """The statement that drops an import's stored report: the report has served its purpose
+    once the import is finished; the rows stay, the bytes go."""
+    return update(ImportFile).where(ImportFile.import_id == import_id).values(content=None)
+
+
 def mark_error(
-    session: Session, import_id: uuid.UUID, message: str, fmt: str | None = None
+    session: Session,
+    import_id: uuid.UUID,
+    message: str,
+    fmt: ImportFormat = ImportFormat.UNKNOWN,
 ) -> bool:
     """Record that an import failed, with a reason the uploader can act on; an import that is
     done stays done. True when the import was marked."""
@@ -314,7 +319,7 @@ def mark_error(
     if record is None or record.status == ImportStatus.DONE:
         return False
     record.status = ImportStatus.ERROR
-    if fmt and fmt != "unknown":
+    if fmt is not ImportFormat.UNKNOWN:
         record.format = fmt
     record.data = {**(record.data or {}), "error": message, "finished": utcnow().isoformat()}
     return True

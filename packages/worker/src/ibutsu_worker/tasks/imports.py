@@ -16,10 +16,12 @@ from celery import shared_task
 from sqlalchemy.orm import Session
 
 from ibutsu_server import task_names
+from ibutsu_server.db.models import ImportStatus
 from ibutsu_server.ibutsu_task import IbutsuTask
 from ibutsu_worker import metrics
 from ibutsu_worker.importing import job, recovery
 from ibutsu_worker.importing.broker_scan import queued_import_ids
+from ibutsu_worker.importing.formats import ImportFormat
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +43,15 @@ class ImportTask(IbutsuTask):
             f"internal error ({type(exc).__name__}); the worker log has the details under "
             f"task {self.request.id}",
         ):
-            self.after_commit(metrics.IMPORTS.labels("unknown", "error").inc)
+            self.after_commit(metrics.IMPORTS.labels(ImportFormat.UNKNOWN, ImportStatus.ERROR).inc)
 
 
 def _run(task: IbutsuTask, import_id: uuid.UUID | None, given: Any) -> None:
     if import_id is None:
         log.error("%s: %.100r names no import; nothing to do", task.name, given)
         return
-    outcome = job.run(task, import_id, task.settings.import_limits)
+    delivery = f"{task.request.id}:{task.request.retries}"
+    outcome = job.run(task, import_id, task.settings.import_limits, delivery)
     if outcome is None:
         return
     if outcome.error is not None:

@@ -8,18 +8,19 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import shared_task
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 
 from ibutsu_server import task_names
 from ibutsu_server.db.models import Import, ImportFile, ImportStatus
 from ibutsu_server.ibutsu_task import IbutsuTask
 from ibutsu_worker import metrics, pruning
+from ibutsu_worker.importing import job
 
 
 def _prune(
     task: IbutsuTask, prune: Callable[..., pruning.PruneReport], retention: object
 ) -> dict[str, Any]:
-    report = prune(task.session, lambda: task.checkpoint("a pruning batch"), retention)
+    report = prune(task, retention)
 
     def count() -> None:
         for table, rows in report.deleted.items():
@@ -64,12 +65,12 @@ def clear_import_file_content(self: IbutsuTask, import_id: str) -> str:
     record = self.session.get(Import, key)
     if record is None:
         return f"Import {key} not found"
-    if record.status not in (ImportStatus.DONE, ImportStatus.ERROR):
+    if not ImportStatus.finished(record.status):
         return f"Import {key} status is {record.status}, not clearing content"
     size = self.session.scalar(
         select(func.sum(func.length(ImportFile.content))).where(ImportFile.import_id == key)
     )
     if not size:
         return f"No content to clear for import {key}"
-    self.session.execute(update(ImportFile).where(ImportFile.import_id == key).values(content=None))
+    self.session.execute(job.drop_stored_report(key))
     return f"Cleared {size} bytes from import_file for import {key}"
