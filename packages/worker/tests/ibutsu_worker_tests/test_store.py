@@ -12,8 +12,9 @@ from sqlalchemy import select
 from ibutsu_server.db.models import Artifact, Result, Run
 from ibutsu_server.settings import ImportLimits
 from ibutsu_worker.importing.budget import Budget
-from ibutsu_worker.importing.landing import MAX_TEST_ID_BYTES, Upload, land, stored_test_id
+from ibutsu_worker.importing.landing import Upload, land
 from ibutsu_worker.importing.records import ArtifactRecord, Record, ResultRecord, RunRecord
+from ibutsu_worker.importing.rows import MAX_TEST_ID_BYTES, stored_test_id
 from ibutsu_worker_tests.dbsession import migrated_session
 
 AWKWARD = 'tab\there, new\nline, back\\slash, cr\r, quote " and \\N, ünïcode ✓'
