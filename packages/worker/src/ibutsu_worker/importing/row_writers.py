@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any
 
 from sqlalchemy import delete, insert, or_, select
 from sqlalchemy.orm import Session
@@ -67,19 +67,17 @@ def writer_for(session: Session, run: OpenRun, spool: ArtifactSpool) -> RowWrite
 ArtifactsWriter = Callable[[Session, Iterator[tuple[Row, FileContent]]], None]
 
 
+@dataclass
 class RowWriter(ABC):
     """Writes one run, its results, and the artifacts ``spool`` holds (by ``artifacts``)."""
 
-    def __init__(
-        self, session: Session, run: OpenRun, spool: ArtifactSpool, artifacts: ArtifactsWriter
-    ) -> None:
-        self.session = session
-        self.run = run
-        self.spool = spool
-        self.artifacts = artifacts
-        #: The run's object while this import creates it: later metadata is merged into it.
-        #: None when the run is upserted, its metadata final.
-        self.new_run: Run | None = None
+    session: Session
+    run: OpenRun
+    spool: ArtifactSpool
+    artifacts: ArtifactsWriter
+    #: The run's object while this import creates it: later metadata is merged into it.
+    #: None when the run is upserted, its metadata final.
+    new_run: Run | None = field(default=None, init=False)
 
     @abstractmethod
     def open_run(self, row: Row) -> None:
@@ -114,14 +112,33 @@ class RowWriter(ABC):
             yield artifact_row(record, self.run, uploaded), record.content
 
 
+class _Batch:
+    """Result rows gathered to be written together: BATCH_SIZE of them, or fewer holding
+    BATCH_BYTES of COPY text."""
+
+    def __init__(self) -> None:
+        self.rows: list[Row] = []
+        self.size = 0
+
+    def add(self, row: Row, size: int) -> bool:
+        """Add ``row``, ``size`` bytes as COPY text; True when the batch is due."""
+        self.rows.append(row)
+        self.size += size
+        return len(self.rows) >= BATCH_SIZE or self.size >= BATCH_BYTES
+
+    def take(self) -> list[Row]:
+        """The rows gathered, leaving the batch empty."""
+        rows, self.rows, self.size = self.rows, [], 0
+        return rows
+
+
+@dataclass
 class CopyWriter(RowWriter):
     """A run this import creates, its ids fresh, on PostgreSQL: its results by one ``COPY``,
     the first HELD_ROWS held back so that a short report's run is inserted once, complete. Its
     summary is tallied: no query reads the rows back."""
 
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self.held: list[str] = []
+    held: list[str] = field(default_factory=list, init=False)
 
     def open_run(self, row: Row) -> None:
         # Inserted before its first results are written, which may be at the end.
@@ -147,35 +164,35 @@ class CopyWriter(RowWriter):
         return summary
 
 
+@dataclass
 class InsertWriter(CopyWriter):
     """A :class:`CopyWriter` for databases without COPY (SQLite): results INSERTed in
     batches."""
 
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self.batches = _Batches(self._insert)
+    batch: _Batch = field(default_factory=_Batch, init=False)
 
     def write_results(self, rows: Iterator[ResultRow]) -> None:
         for row, line in rows:
-            self.batches.add(row, len(line))
+            if self.batch.add(row, len(line)):
+                self._insert()
 
     def finish(self, tally: Tally, first: FirstResult | None) -> dict[str, int]:
-        self.batches.flush()
+        self._insert()
         return super().finish(tally, first)
 
-    def _insert(self, batch: list[Row]) -> None:
-        self.session.execute(insert(Result), batch, execution_options=_BULK)
+    def _insert(self) -> None:
+        if rows := self.batch.take():
+            self.session.execute(insert(Result), rows, execution_options=_BULK)
 
 
+@dataclass
 class UpsertWriter(RowWriter):
     """A run that keeps its ids: it and its results upserted in batches, its artifacts
     replaced, its spool written whenever it is full. Its summary is recounted from the
     database, which may hold results of an earlier import of the same run."""
 
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self.batches = _Batches(self._upsert)
-        self.artifacts_replaced = False  # the run's old artifacts deleted
+    batch: _Batch = field(default_factory=_Batch, init=False)
+    artifacts_replaced: bool = field(default=False, init=False)  # the run's old ones deleted
 
     def open_run(self, row: Row) -> None:
         # A re-import keeps when the run was first stored.
@@ -183,14 +200,15 @@ class UpsertWriter(RowWriter):
 
     def write_results(self, rows: Iterator[ResultRow]) -> None:
         for row, line in rows:
-            self.batches.add(row, len(line))
+            if self.batch.add(row, len(line)):
+                self._upsert()
 
     def spool_full(self) -> None:
-        self.batches.flush()  # the results its artifacts belong to
+        self._upsert()  # the results its artifacts belong to
         self._write_artifacts()
 
     def finish(self, tally: Tally, first: FirstResult | None) -> dict[str, int]:
-        self.batches.flush()
+        self._upsert()
         self._write_artifacts()
         # A run starts when the report says, or when its first result started if earlier.
         summary = update_summary(
@@ -216,30 +234,9 @@ class UpsertWriter(RowWriter):
             )
         super()._write_artifacts()
 
-    def _upsert(self, batch: list[Row]) -> None:
-        _upsert(self.session, Result, batch, owner="run_id")
-
-
-class _Batches:
-    """Result rows gathered until BATCH_SIZE of them or BATCH_BYTES of their COPY text, then
-    written together by ``write``."""
-
-    def __init__(self, write: Callable[[list[Row]], None]) -> None:
-        self.write = write
-        self.rows: list[Row] = []
-        self.size = 0
-
-    def add(self, row: Row, size: int) -> None:
-        self.rows.append(row)
-        self.size += size
-        if len(self.rows) >= BATCH_SIZE or self.size >= BATCH_BYTES:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.rows:
-            return
-        self.write(self.rows)
-        self.rows, self.size = [], 0
+    def _upsert(self) -> None:
+        if rows := self.batch.take():
+            _upsert(self.session, Result, rows, owner="run_id")
 
 
 def _copy_artifacts(session: Session, rows: Iterator[tuple[Row, FileContent]]) -> None:
