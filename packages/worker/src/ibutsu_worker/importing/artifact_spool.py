@@ -67,7 +67,8 @@ class EarlyResults(_Spool):
     line each, replayed once the run is open."""
 
     def add(self, record: ResultRecord) -> None:
-        """Keep ``record`` (its artifacts are spooled apart) until :meth:`replay`."""
+        """Keep ``record`` until :meth:`replay`, but for its ``artifacts``: a report whose
+        results may come first (an archive) sends its artifacts as records of their own."""
         fields = {
             "id": str(record.id),
             "test_id": record.test_id,
