@@ -1,4 +1,4 @@
-"""Smoke test of the three role images, as deployed, on this machine (called from .ci/run).
+"""Smoke test of the three role images, as deployed, on this machine (called from ./run-tests).
 
 `python3 images/smoke_test.py [--no-build]` (root; needs the repository's ./pants):
 
