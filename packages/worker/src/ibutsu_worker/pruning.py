@@ -118,7 +118,6 @@ def _columns(model: type[Base]) -> ReadOnlyColumnCollection[str, Column[Any]]:
     return cast(Table, model.__table__).c
 
 
-
 class Pruner:
     """Deletes rows older than a cutoff in batches, each batch its own timed transaction."""
 

@@ -278,9 +278,7 @@ def content_chunks(
             connection.close()
 
 
-def _mark_done(
-    session: Session, record: Import, fmt: ImportFormat, landed: Landed
-) -> None:
+def _mark_done(session: Session, record: Import, fmt: ImportFormat, landed: Landed) -> None:
     data = {key: value for key, value in (record.data or {}).items() if key != "error"}
     data.update(run_id=[str(landed.run_id)], result_count=landed.results)
     data["stored_bytes"] = landed.stored_bytes
