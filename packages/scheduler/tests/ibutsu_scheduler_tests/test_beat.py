@@ -240,3 +240,18 @@ def test_the_leader_alone_exports_the_cluster(
             status, text = http_get(standby, "/metrics", CREDENTIALS)
             assert status == 200 and "celery_worker_up" not in text
             assert "celery_queue_length" not in text and "celery_task_sent_total" not in text
+
+
+def test_the_embedded_scheduler_starts_without_a_traceback(tmp_path: Path) -> None:
+    """RedBeat's start-up handler runs for every beat: on the embedded default's scheduler
+    it must find no lease to take rather than fail (once beat has ticked, it has run)."""
+    port = free_port()
+    log = tmp_path / "beat.log"
+    with beat({"IBUTSU_EMBEDDED_DIR": str(tmp_path / "embedded")}, log, port):
+        wait_for(
+            lambda: _metric(port, "ibutsu_beat_next_send_timestamp_seconds", entry="tick-fast"),
+            timeout=60,
+        )
+    text = log.read_text(errors="replace")
+    assert "beat: Starting..." in text
+    assert "Traceback" not in text
