@@ -1,4 +1,4 @@
-"""Smoke test of the three role images, as deployed, on this machine (called from .ci/run).
+"""Smoke test of the three role images, as deployed, on this machine (called from ./run-tests).
 
 `python3 images/smoke_test.py [--no-build]` (root; needs the repository's ./pants):
 
@@ -45,7 +45,8 @@ REPO = Path(__file__).resolve().parents[1]
 CONTAINERS_CONF = REPO / "images" / "containers.conf"
 ROLES = ("worker", "scheduler", "flower")
 SIZE_LIMITS_MB = {"worker": 90.0, "scheduler": 90.0, "flower": 60.0}
-COLD_START_LIMIT_S = 2.0
+# Container start to ready; reported (MISS past it), not enforced.
+COLD_START_TARGET_S = 1.0
 # The shipped Prometheus config scrapes these (deploy/prometheus/targets/celery.json).
 WORKER_PORT, SCHEDULER_PORT, FLOWER_PORT = 9808, 9809, 5555
 REDIS_DB = 13
@@ -512,10 +513,11 @@ def main(argv: list[str] | None = None) -> int:
         log(f"FAILED: {failure}")
         return 1
     print_table(sizes, cold)
-    slow = [role for role, seconds in cold.items() if seconds > COLD_START_LIMIT_S]
+    # A figure, not a gate: on a machine busy with other work a start takes longer without
+    # anything being wrong, and a smoke test must not fail for the machine's load.
+    slow = [role for role, seconds in cold.items() if seconds > COLD_START_TARGET_S]
     if slow:
-        log(f"FAILED: cold start over {COLD_START_LIMIT_S:.0f} s: {', '.join(slow)}")
-        return 1
+        log(f"MISS: cold start over the {COLD_START_TARGET_S:.0f} s target: {', '.join(slow)}")
     log(f"passed in {time.monotonic() - started:.0f} s")
     return 0
 

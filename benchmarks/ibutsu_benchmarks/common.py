@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import uuid
@@ -16,9 +17,9 @@ from ibutsu_server.db.engine import make_engine
 from ibutsu_server.db.migrate import upgrade
 from ibutsu_server.settings import Settings
 from ibutsu_testing.services import (
-    REDIS_URL,
     clear_redis_prefix,
     postgres_database,
+    redis_url,
     service_env,
     settings_for,
 )
@@ -36,6 +37,15 @@ UNIT_FORMATS = {
     "tasks/s": "{:,.0f} tasks/s",
     "msg/s": "{:,.0f} msg/s",
 }
+
+
+def use_machine_services() -> None:
+    """Point ibutsu_testing.services at the machine's PostgreSQL (127.0.0.1:5432) and Redis
+    (127.0.0.1:6379), unless IBUTSU_TEST_* name others: the figures are those of a real,
+    durable database, not of the throwaway servers (no fsync, small buffers) the tests start.
+    Called before any service is used."""
+    os.environ.setdefault("IBUTSU_TEST_PG_HOST", "127.0.0.1")
+    os.environ.setdefault("IBUTSU_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 def say(message: str) -> None:
@@ -174,13 +184,13 @@ class Services:
 
 
 @contextmanager
-def fresh_services(benchmark: str, redis_url: str | None = None) -> Iterator[Services]:
+def fresh_services(benchmark: str, own_redis_url: str | None = None) -> Iterator[Services]:
     """A new PostgreSQL database migrated to the newest schema (so the real indexes are in
-    place) and a Redis key prefix of its own, on the machine's Redis or on ``redis_url`` (a
-    Redis of the benchmark's own, whose CPU is all the benchmark's); dropped and cleared
+    place) and a Redis key prefix of its own, on the machine's Redis or on ``own_redis_url``
+    (a Redis of the benchmark's own, whose CPU is all the benchmark's); dropped and cleared
     afterwards."""
     prefix = f"ibutsu-bench-{benchmark}-{uuid.uuid4().hex[:8]}:"
-    url = redis_url or REDIS_URL
+    url = own_redis_url or redis_url()
     try:
         with postgres_database() as database:
             env = service_env(database, prefix, CELERY_BROKER_URL=url, CELERY_RESULT_BACKEND=url)
@@ -193,5 +203,5 @@ def fresh_services(benchmark: str, redis_url: str | None = None) -> Iterator[Ser
             finally:
                 engine.dispose()
     finally:
-        if redis_url is None:
+        if own_redis_url is None:
             clear_redis_prefix(prefix)

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from ibutsu_benchmarks.common import say
 from ibutsu_server.db.models import Run, utcnow
 from ibutsu_worker.importing.copy import copy_line
-from ibutsu_worker.importing.landing import ARTIFACT_COLUMNS, RESULT_COLUMNS
+from ibutsu_worker.importing.rows import ARTIFACT_COLUMNS, RESULT_COLUMNS
 
 SUITES = 10
 HOSTNAME = "ci-runner-07"

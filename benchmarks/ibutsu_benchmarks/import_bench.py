@@ -30,7 +30,7 @@ from ibutsu_benchmarks.cpu import children, status_mb
 from ibutsu_benchmarks.data import PROJECT, cases, copy_in, copy_text, new_runs, write_junit
 from ibutsu_server.db.models import Import, ImportStatus, Project, utcnow
 from ibutsu_testing.services import running_worker, wait_for
-from ibutsu_worker.importing.landing import ARTIFACT_COLUMNS, RESULT_COLUMNS
+from ibutsu_worker.importing.rows import ARTIFACT_COLUMNS, RESULT_COLUMNS
 from ibutsu_worker.submission import Submitter
 
 NAME = "import"

@@ -21,7 +21,7 @@ from ibutsu_benchmarks.common import Figure, Sizes, Target, fresh_services, say
 from ibutsu_benchmarks.data import cases, copy_text, new_runs, write_junit
 from ibutsu_benchmarks.workers import NOOP, own_redis, running_workers
 from ibutsu_server.db.models import Result, Run, utcnow
-from ibutsu_worker.importing.landing import ARTIFACT_COLUMNS, RESULT_COLUMNS
+from ibutsu_worker.importing.rows import ARTIFACT_COLUMNS, RESULT_COLUMNS
 from ibutsu_worker.submission import Submitter
 
 NAME = "load"

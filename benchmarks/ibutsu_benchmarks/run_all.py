@@ -26,7 +26,7 @@ from ibutsu_benchmarks import (
     summary_bench,
     transport_bench,
 )
-from ibutsu_benchmarks.common import Figure, Sizes, say
+from ibutsu_benchmarks.common import Figure, Sizes, say, use_machine_services
 
 BENCHMARKS: dict[str, Callable[[Sizes, Path], list[Figure]]] = {
     import_bench.NAME: import_bench.run,
@@ -78,6 +78,7 @@ def print_table(figures: Sequence[Figure], errors: dict[str, str], out: TextIO) 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the selected benchmarks; 0 unless one of them failed to run."""
     args = build_parser().parse_args(argv)
+    use_machine_services()
     sizes = Sizes().quick() if args.quick else Sizes()
     say(f"sizes ({'quick' if args.quick else 'full'}): {asdict(sizes)}")
     figures: list[Figure] = []

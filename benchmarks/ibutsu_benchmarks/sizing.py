@@ -20,7 +20,7 @@ from datetime import date
 from pathlib import Path
 
 from ibutsu_benchmarks import cpu
-from ibutsu_benchmarks.common import fresh_services, say
+from ibutsu_benchmarks.common import fresh_services, say, use_machine_services
 from ibutsu_benchmarks.data import cases, write_junit
 from ibutsu_benchmarks.load_bench import IMPORT_QUEUE, queue_imports
 from ibutsu_benchmarks.workers import own_redis, running_workers
@@ -295,6 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sizing", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: fewer imports")
     args = parser.parse_args(argv)
+    use_machine_services()
     counts = Counts().quick() if args.quick else Counts()
     with tempfile.TemporaryDirectory(prefix="ibutsu-sizing-") as scratch:
         small, large, scaling = measure(counts, Path(scratch))

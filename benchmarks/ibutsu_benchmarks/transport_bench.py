@@ -18,7 +18,7 @@ from kombu.messaging import Consumer, Producer
 
 from ibutsu_benchmarks.common import Figure, Sizes, Target, say
 from ibutsu_server import broker_transport
-from ibutsu_testing.services import REDIS_URL, clear_redis_prefix
+from ibutsu_testing.services import clear_redis_prefix, redis_url
 
 NAME = "transport"
 ROUNDS = 3
@@ -32,7 +32,7 @@ def _round(transport: str, messages: int, prefix: str) -> float:
     """Messages per second taken and acknowledged through ``transport``."""
     queue_name = f"bench-{uuid.uuid4().hex[:8]}"
     options = {"global_keyprefix": prefix, "visibility_timeout": 90}
-    with Connection(REDIS_URL, transport=transport, transport_options=options) as connection:  # type: ignore[no-untyped-call]
+    with Connection(redis_url(), transport=transport, transport_options=options) as connection:  # type: ignore[no-untyped-call]
         queue = Queue(queue_name, routing_key=queue_name)  # type: ignore[no-untyped-call]
         producer = Producer(connection.default_channel)  # type: ignore[no-untyped-call]
         for _ in range(messages):

@@ -30,7 +30,7 @@ SMOKE_PORTS = {"worker": 9808, "scheduler": 9809}
 @pytest.fixture(scope="module")
 def promtool() -> str:
     """promtool, from Debian's prometheus package. Missing is a failure, not a skip: these
-    checks must run wherever the tests run (.ci/run installs it)."""
+    checks must run wherever the tests run (./run-tests installs it)."""
     path = shutil.which("promtool")
     if path is None:
         pytest.fail(

@@ -153,6 +153,16 @@ def _parts(url: str) -> Iterator[tuple[str, str, int | None, str | None, str | N
         )
 
 
+def addresses(url: str) -> str:
+    """The servers ``url`` names, as ``host:port`` (a Sentinel list's sentinels), safe to print:
+    no user name or password."""
+    named = [
+        f"{host}:{port or (26379 if scheme == 'sentinel' else 6379)}"
+        for scheme, host, port, *_rest in _parts(url)
+    ]
+    return ("sentinels " if url.startswith("sentinel://") else "") + ", ".join(named)
+
+
 def client(url: str, redis_settings: RedisSettings, **kwargs: Any) -> redis.Redis:
     """A redis-py client for ``url`` of any kind, with the bounds and TLS options above.
     ``kwargs`` go to the client (``decode_responses=True``, say)."""

@@ -3,7 +3,6 @@ database upstream's migrations created is used as it is, never migrated."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import uuid
@@ -31,7 +30,8 @@ from ibutsu_server.db.schema import UPSTREAM_REVISION, metadata
 from ibutsu_server.settings import DatabaseSettings
 from ibutsu_testing.services import PG_HOST, PG_PORT, PG_USER, postgres_database, psql
 
-UPSTREAM = Path(os.environ.get("IBUTSU_UPSTREAM_DIR", "../shared/upstream"))
+# Upstream's schema dump, in the test's sandbox at its repository path (see BUILD).
+UPSTREAM = Path("testdata/ibutsu-upstream")
 
 
 @pytest.fixture

@@ -1,4 +1,14 @@
-"""Throwaway databases and Redis namespaces on the machine's real services, and real workers."""
+"""Throwaway databases and Redis namespaces, and real workers.
+
+The services: each test process has a PostgreSQL server and a redis-server of its own
+(``ibutsu_testing.private.session_postgres``/``session_redis``), started on first use and gone
+when the process exits, so tests neither need the machine's services nor disturb them.
+``IBUTSU_TEST_PG_HOST``, ``IBUTSU_TEST_PG_PORT``, ``IBUTSU_TEST_PG_USER`` (any of them) and
+``IBUTSU_TEST_REDIS_URL`` point the tests at existing services instead (then none is started):
+``IBUTSU_TEST_PG_HOST=127.0.0.1 IBUTSU_TEST_REDIS_URL=redis://127.0.0.1:6379/0`` for the
+machine's. ``PG_HOST``, ``PG_PORT``, ``PG_USER`` and ``REDIS_URL`` are resolved on first use
+(module ``__getattr__``), which starts the server they name.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +18,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -22,10 +34,8 @@ from sqlalchemy import create_engine, text
 
 from ibutsu_server.settings import Role, Settings, load_settings
 
-PG_HOST = os.environ.get("IBUTSU_TEST_PG_HOST", "127.0.0.1")
-PG_PORT = os.environ.get("IBUTSU_TEST_PG_PORT", "5432")
-PG_USER = os.environ.get("IBUTSU_TEST_PG_USER", "postgres")
-REDIS_URL = os.environ.get("IBUTSU_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+PG_VARS = ("IBUTSU_TEST_PG_HOST", "IBUTSU_TEST_PG_PORT", "IBUTSU_TEST_PG_USER")
+REDIS_VAR = "IBUTSU_TEST_REDIS_URL"
 # Prefixed to a server's or worker's command: it gets SIGKILL when the test process dies,
 # however it dies (a timeout's kill included), so none outlives its test run (util-linux).
 DIE_WITH_PARENT = ("setpriv", "--pdeathsig", "KILL", "--")
@@ -33,12 +43,81 @@ DIE_WITH_PARENT = ("setpriv", "--pdeathsig", "KILL", "--")
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class PostgresServer:
+    """Where the tests' PostgreSQL listens and whom they connect as (trust authentication)."""
+
+    host: str
+    port: str
+    user: str
+
+
+@dataclass
+class _Resolved:
+    """The services this process's tests use, once the first test asked for them."""
+
+    postgres: PostgresServer | None = None
+    redis_url: str | None = None
+
+
+_lock = threading.Lock()  # two threads asking first start one server, not two
+_resolved = _Resolved()
+
+
+def postgres_server() -> PostgresServer:
+    """The tests' PostgreSQL: the one IBUTSU_TEST_PG_* name, else this process's own
+    (started now if it is not yet)."""
+    with _lock:
+        if _resolved.postgres is None:
+            if any(name in os.environ for name in PG_VARS):
+                _resolved.postgres = PostgresServer(
+                    os.environ.get("IBUTSU_TEST_PG_HOST", "127.0.0.1"),
+                    os.environ.get("IBUTSU_TEST_PG_PORT", "5432"),
+                    os.environ.get("IBUTSU_TEST_PG_USER", "postgres"),
+                )
+            else:
+                from ibutsu_testing import private  # it imports this module
+
+                port = str(private.session_postgres().port)
+                _resolved.postgres = PostgresServer("127.0.0.1", port, "postgres")
+                # A Python process started from this one (with this environment) that uses
+                # these helpers shares the server instead of starting one.
+                os.environ.update(zip(PG_VARS, ("127.0.0.1", port, "postgres"), strict=True))
+        return _resolved.postgres
+
+
+def redis_url() -> str:
+    """The tests' Redis: IBUTSU_TEST_REDIS_URL, else this process's own (started now if it is
+    not yet)."""
+    with _lock:
+        if _resolved.redis_url is None:
+            if REDIS_VAR in os.environ:
+                _resolved.redis_url = os.environ[REDIS_VAR]
+            else:
+                from ibutsu_testing import private  # it imports this module
+
+                _resolved.redis_url = private.session_redis().url
+                os.environ[REDIS_VAR] = _resolved.redis_url
+        return _resolved.redis_url
+
+
+def __getattr__(name: str) -> str:
+    """``PG_HOST``, ``PG_PORT``, ``PG_USER``, ``REDIS_URL``: resolved when first imported or
+    read, so a test file that never names them starts no server."""
+    if name in ("PG_HOST", "PG_PORT", "PG_USER"):
+        return str(getattr(postgres_server(), name[3:].lower()))
+    if name == "REDIS_URL":
+        return redis_url()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 @contextmanager
 def postgres_database() -> Iterator[str]:
     """A new, empty PostgreSQL database of this test's own; dropped afterwards."""
     name = f"ibutsu_test_{uuid.uuid4().hex[:12]}"
+    server = postgres_server()
     admin = create_engine(
-        f"postgresql+psycopg2://{PG_USER}@{PG_HOST}:{PG_PORT}/postgres",
+        f"postgresql+psycopg2://{server.user}@{server.host}:{server.port}/postgres",
         isolation_level="AUTOCOMMIT",
     )
     with admin.connect() as connection:
@@ -53,15 +132,16 @@ def postgres_database() -> Iterator[str]:
 
 def psql(database: str, *args: str) -> str:
     """Run ``psql`` on ``database`` with ``args``, stopping at the first error; its output."""
+    server = postgres_server()
     done = subprocess.run(
         [
             "psql",
             "-h",
-            PG_HOST,
+            server.host,
             "-p",
-            PG_PORT,
+            server.port,
             "-U",
-            PG_USER,
+            server.user,
             "-d",
             database,
             "-v",
@@ -76,14 +156,15 @@ def psql(database: str, *args: str) -> str:
 
 
 def service_env(database: str, key_prefix: str, **extra: str) -> dict[str, str]:
-    """The environment of a worker pointed at the real services, in its own namespaces."""
+    """The environment of a worker pointed at the tests' services, in its own namespaces."""
+    server, url = postgres_server(), redis_url()
     return {
-        "CELERY_BROKER_URL": REDIS_URL,
-        "CELERY_RESULT_BACKEND": REDIS_URL,
+        "CELERY_BROKER_URL": url,
+        "CELERY_RESULT_BACKEND": url,
         "IBUTSU_REDIS_KEY_PREFIX": key_prefix,
-        "POSTGRESQL_HOST": PG_HOST,
-        "POSTGRESQL_PORT": PG_PORT,
-        "POSTGRESQL_USER": PG_USER,
+        "POSTGRESQL_HOST": server.host,
+        "POSTGRESQL_PORT": server.port,
+        "POSTGRESQL_USER": server.user,
         "POSTGRESQL_DATABASE": database,
         **extra,
     }
@@ -96,7 +177,7 @@ def settings_for(env: Mapping[str, str], role: Role = Role.WORKER) -> Settings:
 
 def clear_redis_prefix(prefix: str) -> None:
     """Delete every key of one test's Redis namespace."""
-    client = redis.Redis.from_url(REDIS_URL)
+    client = redis.Redis.from_url(redis_url())
     keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
     if keys:
         client.delete(*keys)

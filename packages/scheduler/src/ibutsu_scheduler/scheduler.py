@@ -201,3 +201,7 @@ class IbutsuRedBeatScheduler(_Exported, RedBeatScheduler):  # type: ignore[misc]
 
 class IbutsuLocalScheduler(_Exported, PersistentScheduler):  # type: ignore[misc]
     """The embedded default's scheduler: state in a file of the embedded folder, one replica."""
+
+    # RedBeat connects a handler to every beat's start that reads the scheduler's lock_key
+    # (a traceback in the log for any other scheduler); None tells it there is no lease here.
+    lock_key = None

@@ -252,6 +252,21 @@ def test_the_leader_alone_exports_the_cluster(
             assert "celery_queue_length" not in text and "celery_task_sent_total" not in text
 
 
+def test_the_embedded_scheduler_starts_without_a_traceback(tmp_path: Path) -> None:
+    """RedBeat's start-up handler runs for every beat: on the embedded default's scheduler
+    it must find no lease to take rather than fail (once beat has ticked, it has run)."""
+    port = free_port()
+    log = tmp_path / "beat.log"
+    with beat({"IBUTSU_EMBEDDED_DIR": str(tmp_path / "embedded")}, log, port):
+        wait_for(
+            lambda: _metric(port, "ibutsu_beat_next_send_timestamp_seconds", entry="tick-fast"),
+            timeout=60,
+        )
+    text = log.read_text(errors="replace")
+    assert "beat: Starting..." in text
+    assert "Traceback" not in text
+
+
 def _queued(env: dict[str, str], queue: str, task: str) -> int:
     """How many messages of ``task`` wait in ``queue``."""
     client = redis.Redis.from_url(REDIS_URL)

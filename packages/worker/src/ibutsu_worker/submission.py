@@ -21,26 +21,46 @@ from typing import Any
 
 from sqlalchemy import select
 
-from ibutsu_server import task_names
+from ibutsu_server import redis_connections, task_names
 from ibutsu_server.app_factory import FlaskCelery, create_flask_celery_app
 from ibutsu_server.db.models import Import, ImportFile, ImportStatus, Project, Run, utcnow
 from ibutsu_server.db.sessions import Database
-from ibutsu_server.settings import Role, Settings
+from ibutsu_server.settings import Role, Settings, redact_url
 from ibutsu_worker.importing.formats import ImportFormat
 from ibutsu_worker.importing.job import mark_error
+from ibutsu_worker.projects import Created, create_project
 
 POLL_SECONDS = 0.2
-# Sending waits out a broker restart: about a minute in all before it gives up.
+# Queuing waits out a broker restart (README, "Pointing at real Redis and PostgreSQL"): the
+# connection is tried again with backoff for this long before the import is given up.
+PUBLISH_PATIENCE_SECONDS = 60.0
+CONNECT_BACKOFF = {"interval_start": 0.5, "interval_step": 1.0, "interval_max": 5.0}
+# A connection lost while publishing: tried again, with backoff, about as long.
 PUBLISH_RETRY = {
     "max_retries": 12,
     "interval_start": 0.5,
     "interval_step": 1.0,
     "interval_max": 8.0,
 }
+# How often a broker that stays unreachable is reported again while it is waited for.
+UNREACHABLE_REPORT_SECONDS = 10.0
+# How long workers get to answer "which queues do you consume?" (a broadcast on the broker).
+CONSUMER_QUESTION_SECONDS = 1.0
 
 
 class SubmissionError(Exception):
     """A submission that cannot be made or followed; the message says why, in one line."""
+
+
+class NotQueued(SubmissionError):
+    """A report stored as an import that could not be queued: the import was marked
+    ``error`` (no worker would ever hear of it) and is named here."""
+
+    def __init__(self, message: str, *, file: str, import_id: str, reason: str) -> None:
+        super().__init__(message)
+        self.file = file
+        self.import_id = import_id
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -67,6 +87,13 @@ class Outcome:
             "run_id": self.run_id,
             "summary": self.summary,
         }
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of what went wrong, without a password: Kombu and redis-py name the
+    host and port they tried, never the credentials, and a URL is masked all the same."""
+    text = (str(exc).strip().splitlines() or [""])[0] or type(exc).__name__
+    return redact_url(text) if "://" in text else text
 
 
 def import_task_name(content_head: bytes, filename: str | None = None) -> str:
@@ -99,10 +126,17 @@ def import_record(record: Import) -> dict[str, Any]:
 class Submitter:
     """The database and broker of one worker configuration, for submitting imports."""
 
-    def __init__(self, settings: Settings, celery: FlaskCelery | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        celery: FlaskCelery | None = None,
+        notify: Callable[[str], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.celery = celery or create_flask_celery_app(Role.WORKER, settings=settings)
         self.db: Database = self.celery.database
+        # Where messages for the operator go while something is waited for (the CLI: stderr).
+        self.notify: Callable[[str], None] = notify or (lambda _message: None)
 
     def close(self) -> None:
         self.db.engine.dispose()
@@ -121,22 +155,27 @@ class Submitter:
         finally:
             self.db.session.remove()
         if found is None:
-            raise SubmissionError(f"no project {project!r}: create it in Ibutsu first")
+            raise SubmissionError(
+                f"no project {project!r}: create it with `ibutsu-tasks project create` "
+                "or in Ibutsu"
+            )
         return found
+
+    def create_project(
+        self, name: str, title: str | None = None, owner_email: str | None = None
+    ) -> Created:
+        """Create the project ``name``, or find it if it exists as asked (``create_project``)."""
+        session = self.db.session()
+        try:
+            created = create_project(session, name, title, owner_email)
+            session.commit()
+            return created
+        finally:
+            self.db.session.remove()
 
     def ensure_project(self, name: str) -> uuid.UUID:
         """The project named ``name``, created if missing (the demo's own database only)."""
-        try:
-            return self.project_id(name)
-        except SubmissionError:
-            session = self.db.session()
-            try:
-                project = Project(id=uuid.uuid4(), name=name, title=name)
-                session.add(project)
-                session.commit()
-                return project.id
-            finally:
-                self.db.session.remove()
+        return self.create_project(name).id
 
     def store(
         self,
@@ -201,15 +240,50 @@ class Submitter:
             self.db.session.remove()
         return self.outcome(str(found.id)) if found is not None else None
 
+    @property
+    def broker(self) -> str:
+        """The broker's servers, safe to print (no password)."""
+        if self.settings.embedded:
+            return f"the filesystem broker in {self.settings.embedded_dir}"
+        return redis_connections.addresses(self.settings.broker_url)
+
+    def _connect(self, connection: Any) -> None:
+        """Connect to the broker, waiting out an outage for PUBLISH_PATIENCE_SECONDS; each
+        failure is reported to ``self.notify`` (the first at once, then every
+        UNREACHABLE_REPORT_SECONDS), naming the servers, never the password."""
+        started = time.monotonic()
+        reported = -UNREACHABLE_REPORT_SECONDS
+
+        def failed(exc: BaseException, interval: float) -> None:
+            nonlocal reported
+            elapsed = time.monotonic() - started
+            if elapsed - reported < UNREACHABLE_REPORT_SECONDS:
+                return
+            first = reported < 0
+            reported = elapsed
+            self.notify(
+                f"the broker at {self.broker} does not answer ({_reason(exc)}): trying again "
+                f"for up to {PUBLISH_PATIENCE_SECONDS:.0f} s"
+                if first
+                else f"the broker at {self.broker} still does not answer after {elapsed:.0f} s"
+            )
+
+        connection.ensure_connection(
+            errback=failed, max_retries=None, timeout=PUBLISH_PATIENCE_SECONDS, **CONNECT_BACKOFF
+        )
+
     def enqueue(self, record: Import, content_head: bytes) -> None:
         """Send the import's task, by name, with the import record as its argument; a broker
-        that is away for a moment (a restart) is waited for, with backoff."""
-        self.celery.send_task(
-            import_task_name(content_head, record.filename),
-            args=[import_record(record)],
-            retry=True,
-            retry_policy=PUBLISH_RETRY,
-        )
+        that is away (a restart) is waited for, with backoff, up to PUBLISH_PATIENCE_SECONDS."""
+        with self.celery.producer_or_acquire() as producer:
+            self._connect(producer.connection)
+            self.celery.send_task(
+                import_task_name(content_head, record.filename),
+                args=[import_record(record)],
+                producer=producer,
+                retry=True,
+                retry_policy=PUBLISH_RETRY,
+            )
 
     def submit(
         self,
@@ -219,7 +293,8 @@ class Submitter:
         metadata: dict[str, Any] | None = None,
         source: str | None = None,
     ) -> str:
-        """Store ``path`` as an import and enqueue it once stored; returns the import id."""
+        """Store ``path`` as an import and enqueue it once stored; returns the import id.
+        NotQueued, naming the import (marked ``error``), when the broker stays away."""
         record = self.store(path, project_id=project_id, metadata=metadata, source=source)
         try:
             with path.open("rb") as head:
@@ -232,8 +307,13 @@ class Submitter:
                 session.commit()
             finally:
                 self.db.session.remove()
-            raise SubmissionError(
-                f"cannot queue {path.name}: the broker is unreachable ({type(exc).__name__})"
+            reason = _reason(exc)
+            raise NotQueued(
+                f"cannot queue {path.name}: the broker at {self.broker} is unreachable "
+                f"({reason}); import {record.id} marked error",
+                file=path.name,
+                import_id=str(record.id),
+                reason=reason,
             ) from None
         return str(record.id)
 
@@ -262,28 +342,45 @@ class Submitter:
         finally:
             self.db.session.remove()
 
+    def consumers(self) -> list[str] | None:
+        """The node names of the workers that consume the imports' queue, as they answer a
+        broadcast within CONSUMER_QUESTION_SECONDS; None where no broadcast can ask (the
+        embedded default's filesystem broker)."""
+        if self.settings.embedded:
+            return None
+        queue = self.celery.conf.task_default_queue
+        inspect = self.celery.control.inspect(timeout=CONSUMER_QUESTION_SECONDS)
+        answers = inspect.active_queues() or {}
+        return sorted(
+            str(node)
+            for node, queues in answers.items()
+            if any(entry.get("name") == queue for entry in queues or [])
+        )
+
     def wait(
         self,
         import_ids: Sequence[str],
         timeout: float,
-        progress: Callable[[int, Outcome], None] | None = None,
+        watch: Callable[[Sequence[Outcome], float], None] | None = None,
     ) -> list[Outcome]:
-        """Poll until every import is finished; SubmissionError after ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        finished: dict[str, Outcome] = {}
-        while len(finished) < len(import_ids):
+        """Poll until every import is finished; SubmissionError after ``timeout`` seconds.
+        ``watch`` sees every import's state and the seconds waited, at every poll."""
+        started = time.monotonic()
+        current: dict[str, Outcome] = {}
+        while True:
             for import_id in import_ids:
-                if import_id not in finished:
-                    outcome = self.outcome(import_id)
-                    if outcome.finished:
-                        finished[import_id] = outcome
-                        if progress is not None:
-                            progress(len(finished), outcome)
-            if len(finished) < len(import_ids):
-                if time.monotonic() > deadline:
-                    raise SubmissionError(
-                        f"{len(import_ids) - len(finished)} import(s) still unfinished after "
-                        f"{timeout:.0f}s: is a worker running?"
-                    )
-                time.sleep(POLL_SECONDS)
-        return [finished[import_id] for import_id in import_ids]
+                if import_id not in current or not current[import_id].finished:
+                    current[import_id] = self.outcome(import_id)
+            outcomes = [current[import_id] for import_id in import_ids]
+            elapsed = time.monotonic() - started
+            if watch is not None:
+                watch(outcomes, elapsed)
+            unfinished = sum(not outcome.finished for outcome in outcomes)
+            if not unfinished:
+                return outcomes
+            if elapsed > timeout:
+                raise SubmissionError(
+                    f"{unfinished} import(s) still unfinished after {timeout:.0f} s: is a "
+                    "worker running?"
+                )
+            time.sleep(POLL_SECONDS)

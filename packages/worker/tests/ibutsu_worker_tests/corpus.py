@@ -1,12 +1,13 @@
-"""The shared corpus of real JUnit reports, and the expected count for each file."""
+"""The corpus of real JUnit reports (testdata/junit-jenkins), and the expected count for
+each file."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from xml.etree import ElementTree
 
-CORPUS = Path(os.environ.get("IBUTSU_CORPUS_DIR", "../shared/corpus")) / "junit-jenkins"
+# In the test's sandbox at its repository path (a files target, see BUILD).
+CORPUS = Path("testdata/junit-jenkins")
 # The run summary of the bundled sample report (ibutsu_worker/samples/sample-junit.xml).
 SAMPLE_SUMMARY = {
     "tests": 8,
@@ -20,7 +21,7 @@ SAMPLE_SUMMARY = {
     "collected": 8,
     "not_run": 0,
 }
-# Not JUnit reports: refused with a clear error (README of the corpus).
+# Not JUnit reports: refused with a clear error (testdata/README.md).
 REFUSED = {"testXxe-xxe.xml", "testXxe-oob.xml", "junitResult.xml"}
 
 

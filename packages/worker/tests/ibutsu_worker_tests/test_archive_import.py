@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from ibutsu_server.db.models import Artifact, Import, Project, Result, Run
 from ibutsu_server.settings import ImportLimits
 from ibutsu_worker.importing import archive as archive_module
-from ibutsu_worker.importing import landing as landing_module
+from ibutsu_worker.importing import artifact_spool, landing, row_writers
 from ibutsu_worker.importing.archive import archive_records
 from ibutsu_worker.importing.budget import Budget
 from ibutsu_worker.importing.errors import ReportError
@@ -78,7 +78,7 @@ def land(
     try:
         # As big as an archive may unpack to: its own limits are what these tests are about.
         budget = Budget(limits, limits.max_archive_bytes)
-        landed = landing_module.land(session, upload, archive_records(pieces, limits), budget)
+        landed = landing.land(session, upload, archive_records(pieces, limits), budget)
     except ReportError:
         session.rollback()
         raise
@@ -282,8 +282,8 @@ def test_members_in_any_order_land_the_same(
     archive_session: Session, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Spools go to disk after 100 bytes, and artifacts are written one per statement.
-    monkeypatch.setattr(landing_module, "SPOOL_MEMORY", 100)
-    monkeypatch.setattr(landing_module, "ARTIFACT_BATCH_ROWS", 1)
+    monkeypatch.setattr(artifact_spool, "SPOOL_MEMORY", 100)
+    monkeypatch.setattr(row_writers, "ARTIFACT_BATCH_ROWS", 1)
     archive = sample()
     # Artifacts first, then results, run.json last: the reverse of pytest-ibutsu's order.
     reversed_members = list(reversed(archive.members()))
@@ -335,7 +335,7 @@ def test_refused_whole_with_a_reason(
     reason: str,
 ) -> None:
     # Every result is written as soon as it is read, so a refusal must undo real rows.
-    monkeypatch.setattr(landing_module, "BATCH_BYTES", 1)
+    monkeypatch.setattr(row_writers, "BATCH_BYTES", 1)
     with pytest.raises(ReportError) as caught:
         land(archive_session, build(sample()), dataclasses.replace(LIMITS, **limits))
     assert reason in str(caught.value)
@@ -424,8 +424,8 @@ def test_big_artifacts_stream_and_the_spool_is_written_as_it_fills(
     archive_session: Session, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(archive_module, "ARTIFACT_IN_MEMORY", 1000)
-    monkeypatch.setattr(landing_module, "SLICE_BYTES", 4096)
-    monkeypatch.setattr(landing_module, "SPOOL_FLUSH_BYTES", 10_000)
+    monkeypatch.setattr(artifact_spool, "SLICE_BYTES", 4096)
+    monkeypatch.setattr(artifact_spool, "SPOOL_FLUSH_BYTES", 10_000)
     archive = sample()
     big = bytes(range(256)) * 200  # 51,200 bytes: streamed in slices, spool written each time
     first, last = archive.results[0]["id"], archive.results[-1]["id"]

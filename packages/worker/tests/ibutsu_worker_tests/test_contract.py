@@ -1,5 +1,5 @@
 """The contract with a running Ibutsu: every message upstream's API and beat sent
-(``../shared/upstream/messages.json``) replayed into a real worker, on a database created by
+(``testdata/ibutsu-upstream/messages.json``) replayed into a real worker, on a database created by
 upstream's own schema (``schema.sql``, revision d18de2b3253f), and every field the API and
 frontend read back checked (``CONTRACT.md``).
 
@@ -9,7 +9,6 @@ The tests run in file order, as the messages were recorded: one database, one wo
 from __future__ import annotations
 
 import json
-import os
 import re
 import uuid
 from collections.abc import Iterator
@@ -49,7 +48,8 @@ from ibutsu_testing.services import (
 from ibutsu_worker_tests.archives import Sample
 from ibutsu_worker_tests.builders import add_run
 
-UPSTREAM = Path(os.environ.get("IBUTSU_UPSTREAM_DIR", "../shared/upstream"))
+# Upstream's messages and schema, in the test's sandbox at its repository path (see BUILD).
+UPSTREAM = Path("testdata/ibutsu-upstream")
 MESSAGES: list[dict[str, Any]] = json.loads((UPSTREAM / "messages.json").read_text())
 PLACEHOLDER = re.compile(r"<[a-z-]+>")
 

@@ -15,9 +15,9 @@ from sqlalchemy import func, select
 from ibutsu_server import task_names
 from ibutsu_server.app_factory import FlaskCelery
 from ibutsu_server.db.models import Artifact, Import, ImportFile, Result, Run, utcnow
-from ibutsu_worker.importing import junit, landing
+from ibutsu_worker.importing import artifact_spool, junit
 from ibutsu_worker.importing.job import CHUNK_SIZE, content_chunks
-from ibutsu_worker.importing.landing import HELD_ROWS
+from ibutsu_worker.importing.row_writers import HELD_ROWS
 from ibutsu_worker.submission import Submitter, import_record
 from ibutsu_worker.summaries import update_summary
 from ibutsu_worker_tests.builders import ImportRunner
@@ -210,7 +210,7 @@ def test_a_text_too_big_for_memory_is_streamed_to_the_database_whole(
     run_import: ImportRunner, submitter: Submitter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(junit, "TEXT_IN_MEMORY", 1000)
-    monkeypatch.setattr(landing, "SLICE_BYTES", 4096)
+    monkeypatch.setattr(artifact_spool, "SLICE_BYTES", 4096)
     text = "".join(f"line {n}: é✓\t\\\n" for n in range(5000))
     report = tmp_path / "big-text.xml"
     report.write_text(

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from ibutsu_server.db.models import Artifact, Result, Run
 from ibutsu_server.settings import ImportLimits
 from ibutsu_worker.importing.budget import Budget
-from ibutsu_worker.importing.landing import MAX_TEST_ID_BYTES, Upload, land, stored_test_id
+from ibutsu_worker.importing.landing import Upload, land
 from ibutsu_worker.importing.records import ArtifactRecord, Record, ResultRecord, RunRecord
 from ibutsu_worker_tests.dbsession import migrated_session
 
@@ -53,13 +53,3 @@ def test_awkward_text_and_bytes_survive_the_write(dialect: str, tmp_path: Path) 
         assert contents == [AWKWARD.encode() + bytes(range(256))] * 3
         run = session.get(Run, landed.run_id)
         assert run is not None and run.source == "ci" and run.start_time == start
-
-
-def test_long_test_ids_are_cut_with_a_hash_that_keeps_them_apart() -> None:
-    short = "test_" + "x" * 100
-    assert stored_test_id(short) == short
-    long_a, long_b = "é" * 2000 + "a", "é" * 2000 + "b"
-    stored_a, stored_b = stored_test_id(long_a), stored_test_id(long_b)
-    assert stored_a != stored_b
-    assert len(stored_a.encode()) <= MAX_TEST_ID_BYTES
-    assert stored_a.startswith("é" * 100) and "…" in stored_a
