@@ -11,9 +11,10 @@ file:line (exit status 1). It starts nothing while a port the blocks serve on (a
 
 Words after the language in the info string say how a block is run:
 
-- `cluster`, `registry`, `suite`: skipped and listed. A `cluster` block needs a Kubernetes or
-  OpenShift cluster, a `registry` block a container registry, neither of which this machine
-  reaches; a `suite` block is the README's test command, which calls this runner.
+- `cluster`, `registry`, `upstream`, `suite`: skipped and listed. A `cluster` block needs a
+  Kubernetes or OpenShift cluster, a `registry` block a container registry, an `upstream`
+  block upstream Ibutsu's source (GitHub), none of which this machine reaches; a `suite`
+  block is the README's test command, which calls this runner.
 - `cleanup`: undoes what earlier blocks of its file made (containers, a database). Run in
   its place like any block, and also, after a block of its file failed, before this runner
   exits: it must not rely on what earlier blocks exported.
@@ -47,6 +48,7 @@ LANGUAGES = ("sh", "bash", "shell")
 SKIPPED = {
     "cluster": "needs a Kubernetes or OpenShift cluster",
     "registry": "needs a container registry",
+    "upstream": "needs upstream ibutsu-server's source (GitHub, tag v3.1.1)",
     "suite": "the README's test command: it calls this runner",
 }
 CLEANUP = "cleanup"

@@ -337,12 +337,19 @@ class _Claiming:
         return claimed[1]
 
     def _brpop_start(self, timeout: float | None = None) -> None:
-        # The consumer's blocking wait: a peek at the first queue's tail that takes nothing.
+        # The consumer's blocking wait: a peek that takes nothing, at the tail of the first
+        # queue the worker consumes (the shared one), not the rotation's next. A peek watches
+        # one key and waits out brpop_timeout on an empty one, even while another queue has
+        # messages: peeking in rotation, every other fetch of a busy shared queue would wait
+        # on our own, mostly empty, queue. The claim takes from every queue, in rotation; a
+        # message of ours alone waits at most brpop_timeout (1 s).
         queues = self._queue_cycle.consume(len(self.active_queues))  # type: ignore[attr-defined]
         if not queues:
             return
         self._fetch_queues = list(queues)
-        key = self.full_key(self._q_for_pri(queues[0], self.priority_steps[0]))  # type: ignore[attr-defined]
+        consumed: list[str] = getattr(self, "_active_queues", [])
+        peek = next((queue for queue in consumed if queue in queues), queues[0])
+        key = self.full_key(self._q_for_pri(peek, self.priority_steps[0]))  # type: ignore[attr-defined]
         wait = self.brpop_timeout if timeout is None else timeout
         connection = self.client.connection
         self._in_poll = connection

@@ -13,8 +13,9 @@ from typing import Any, Protocol
 
 from celery import Celery
 from celery.signals import after_setup_logger
+from kombu.entity import Exchange, Queue
 
-from ibutsu_server import broker_transport, redis_connections
+from ibutsu_server import broker_transport, redis_connections, task_names
 from ibutsu_server.liveness import LoopWatch
 from ibutsu_server.settings import (
     DEFAULT_LIVENESS_SECONDS,
@@ -93,9 +94,37 @@ def _tls(settings: Settings, url: str | None) -> dict[str, Any] | None:
     return redis_connections.tls_options(settings.redis)
 
 
+def _queue(name: str) -> Queue:
+    # As Celery declares its default queue: a direct exchange of the queue's name.
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)  # type: ignore[no-untyped-call]
+
+
+def task_routing() -> dict[str, Any]:
+    """Where tasks go: upstream's names to the shared queue, which upstream's workers consume
+    too during a rolling update; names only ours register (``task_names.OURS``) to a queue
+    only ours consume, so that upstream's workers never receive (and discard) them. Plain
+    values only: every worker reports its configuration as JSON (``celery inspect conf``)."""
+    return {
+        "task_default_queue": task_names.SHARED_QUEUE,
+        "task_routes": {name: {"queue": task_names.OWN_QUEUE} for name in sorted(task_names.OURS)},
+    }
+
+
+def declare_queues(app: Celery) -> None:
+    """Make both queues the app's own, so that a worker started without ``-Q`` consumes both
+    and every role sees both (``app.amqp.queues``: the broker scan, the queue lengths). Kept
+    out of the configuration, whose queue objects JSON cannot carry."""
+    queues = app.amqp.queues
+    for name in (task_names.SHARED_QUEUE, task_names.OWN_QUEUE):
+        if name not in queues.consume_from:
+            # select_add: consumed by default too (a plain add would only be known).
+            queues.select_add(_queue(name))
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The Celery settings every role shares, as plain Celery configuration keys."""
     return {
+        **task_routing(),
         "broker_url": settings.broker_url,
         "result_backend": settings.result_backend,
         "result_backend_transport_options": {
@@ -169,6 +198,7 @@ def create_celery(
     broker_transport.install()
     app = app_class(settings, f"ibutsu_{settings.role.value}", include=list(include), **kwargs)
     app.conf.update(celery_config(settings))
+    declare_queues(app)
     level = settings.worker_loglevel.upper()
 
     def apply_log_level(logger: logging.Logger, **_kwargs: Any) -> None:

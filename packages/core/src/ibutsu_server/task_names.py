@@ -4,6 +4,11 @@ Producers (Ibutsu's API, its admin page, the beat schedule, the ``ibutsu-tasks``
 enqueue tasks by these names; the worker registers each task under its name from here, so a
 renamed or moved module can never rename a task. Every name upstream's worker registers is
 here, with the architecture document's ``import_results`` and our own additions.
+
+During a rolling update upstream's workers consume the shared queue (SHARED_QUEUE) beside
+ours, and discard a name they do not register ("Received unregistered task ... discarded"):
+what we send under one of the names in OURS goes to a queue only our workers consume
+(OWN_QUEUE; the routes are in ``ibutsu_server.celery_utils``).
 """
 
 from __future__ import annotations
@@ -52,7 +57,25 @@ UPSTREAM = frozenset(
         SYNC_ABORTED_RUNS,
     }
 )
-#: The names only our worker registers: upstream's worker would discard them.
+#: The names only our worker registers: upstream's worker would discard them, so what we send
+#: under them goes to OWN_QUEUE.
 OURS = frozenset({IMPORT_RESULTS, RECOVER_IMPORTS, QUERY})
 #: Every name the worker registers.
 ALL = UPSTREAM | OURS
+#: The names upstream's beat sends, on its own schedule (the architecture document's, with
+#: ``prune_old_import_files`` daily): a slot of these is run once whichever beat sends it.
+UPSTREAM_PERIODIC = frozenset(
+    {
+        PRUNE_OLD_FILES,
+        PRUNE_OLD_RESULTS,
+        PRUNE_OLD_RUNS,
+        PRUNE_OLD_IMPORT_FILES,
+        SYNC_ABORTED_RUNS,
+    }
+)
+
+#: The queue Ibutsu's API, its admin page and upstream's beat send to (Celery's default),
+#: consumed by every worker, upstream's and ours.
+SHARED_QUEUE = "celery"
+#: The queue of the names in OURS, consumed by our workers only.
+OWN_QUEUE = "ibutsu-tasks"

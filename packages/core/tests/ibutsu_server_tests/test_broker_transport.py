@@ -17,6 +17,7 @@ from ibutsu_server import redis_connections
 from ibutsu_server.broker_transport import FOREIGN_VISIBILITY_TIMEOUT, LEASED_KEY, Channel
 from ibutsu_server.celery_utils import IbutsuCelery, create_broker_celery_app
 from ibutsu_server.settings import Settings
+from ibutsu_server.task_names import OWN_QUEUE, SHARED_QUEUE
 from ibutsu_testing.private import private_redis
 from ibutsu_testing.redis_topology import (
     REDIS_PASSWORD,
@@ -212,3 +213,28 @@ def test_the_configuration_a_worker_reports_is_plain_json() -> None:
     }
     app = create_broker_celery_app(settings_for({**service_env("unused", PREFIX), **env}))
     kombu_json.dumps(app.conf.table(with_defaults=False, censored=True))  # type: ignore[no-untyped-call]
+
+
+def test_the_blocking_peek_watches_the_shared_queue_whatever_the_rotation() -> None:
+    """A peek watches one key and waits out its timeout on an empty one: the consumer peeks
+    at the first queue it consumes (the shared one, busy), never at our own mostly empty one,
+    which the claim after each peek takes from anyway."""
+    with broker() as (app, _client), app.connection_for_write() as connection:
+        channel = connection.default_channel
+        for queue in (SHARED_QUEUE, OWN_QUEUE):
+            channel.basic_consume(queue, False, lambda message: None, queue)
+        peeked: list[str] = []
+
+        class Recorder:  # the consumer's connection, as the event loop would write to it
+            def send_command(self, *args: object) -> None:
+                peeked.append(str(args[1]))
+
+        channel.client.connection = Recorder()
+        try:
+            for queue in (SHARED_QUEUE, OWN_QUEUE, SHARED_QUEUE):
+                channel._queue_cycle.rotate(queue)  # as after a claim from ``queue``
+                channel._brpop_start()
+        finally:
+            channel.client.connection = None
+            channel._in_poll = None
+        assert peeked == [f"{PREFIX}{SHARED_QUEUE}"] * 3

@@ -30,3 +30,12 @@ def test_the_wire_names_producers_send() -> None:
         }
         == task_names.ALL
     )
+
+
+def test_ours_are_the_names_upstream_does_not_register() -> None:
+    assert {
+        "ibutsu_server.tasks.importers.import_results",
+        "ibutsu_server.tasks.query.query",
+        "ibutsu_server.tasks.importers.recover_imports",
+    } == task_names.OURS
+    assert (task_names.SHARED_QUEUE, task_names.OWN_QUEUE) == ("celery", "ibutsu-tasks")

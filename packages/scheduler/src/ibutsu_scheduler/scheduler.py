@@ -6,6 +6,13 @@ leader that cannot renew its lease (the broker lost, failing over, or a primary 
 replica) stops sending and stands by, keeping the lease's token: once the broker answers again
 (the new primary, which has the lease if it was replicated) it renews it and goes on, or takes
 it again once it is free. RedBeat alone would exit.
+
+Beside upstream's beat (a rolling update, a rollback) no slot's work is done twice: while
+upstream's workers are about (``ibutsu_server.fleet``), the entries upstream's beat also sends
+(``task_names.UPSTREAM_PERIODIC``) are not sent here, only advanced (logged, counted in
+``ibutsu_beat_held_total``): upstream's beat sends that slot, and upstream's worker might run
+it without the check ours make. Without upstream's workers, both beats' sends reach only our
+workers, which run each slot once (``ibutsu_worker.slots``).
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from redbeat.schedulers import LUA_EXTEND_TO_SCRIPT, get_redis
 from redis.exceptions import LockError, RedisError
 
 from ibutsu_scheduler.cluster_metrics import ClusterMonitor, queue_lengths
+from ibutsu_server import task_names
+from ibutsu_server.fleet import RedisSightings
 from ibutsu_server.http_endpoints import Endpoints, serve
 from ibutsu_server.ibutsu_task import one_line
 from ibutsu_server.readiness import readiness_check
@@ -38,6 +47,11 @@ LAST_SEND = Gauge(
 )
 NEXT_SEND = Gauge(
     "ibutsu_beat_next_send_timestamp_seconds", "When the entry is next due", ["entry"]
+)
+HELD = Counter(
+    "ibutsu_beat_held",
+    "Slots not sent because upstream's workers are about (upstream's beat sends them)",
+    ["entry"],
 )
 
 
@@ -77,11 +91,28 @@ class _Exported:
         """Every entry of the schedule, with its last run."""
         return list(self.schedule.values())
 
-    def apply_async(self, entry: Any, *args: Any, **kwargs: Any) -> Any:
-        result = super().apply_async(entry, *args, **kwargs)  # type: ignore[misc]
+    def apply_async(
+        self, entry: Any, producer: Any = None, advance: bool = True, **kwargs: Any
+    ) -> Any:
+        if entry.task in task_names.UPSTREAM_PERIODIC and self.upstream_about():
+            if advance:
+                self.reserve(entry)  # type: ignore[attr-defined]  # the slot passes unsent
+            HELD.labels(entry.name).inc()
+            log.info(
+                "beat: %s not sent: upstream's workers are about, and upstream's beat sends "
+                "this slot",
+                entry.name,
+            )
+            return None
+        result = super().apply_async(entry, producer, advance, **kwargs)  # type: ignore[misc]
         SENDS.labels(entry.name).inc()
         LAST_SEND.labels(entry.name).set(time.time())
         return result
+
+    def upstream_about(self) -> bool:
+        """Whether upstream's workers were seen lately (looked for now); when the broker
+        cannot tell, they count as about: a slot left to upstream's beat is not doubled."""
+        return RedisSightings(self.app).upstream_present() is not False
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
         delay = float(super().tick(*args, **kwargs))  # type: ignore[misc]

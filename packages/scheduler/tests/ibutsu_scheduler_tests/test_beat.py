@@ -22,6 +22,13 @@ from redbeat.decoder import RedBeatJSONDecoder
 
 from ibutsu_scheduler.factory import LEASE_SECONDS, MAX_LOOP_INTERVAL
 from ibutsu_server.celery_utils import create_broker_celery_app
+from ibutsu_server.fleet import SIGHTING_GRACE_SECONDS, SIGHTINGS_KEY
+from ibutsu_server.task_names import (
+    OWN_QUEUE,
+    RECOVER_IMPORTS,
+    SHARED_QUEUE,
+    SYNC_ABORTED_RUNS,
+)
 from ibutsu_testing.services import (
     REDIS_URL,
     celery_process,
@@ -32,6 +39,7 @@ from ibutsu_testing.services import (
 )
 
 APP = "ibutsu_scheduler_tests.beat_app:app"
+HELD_APP = "ibutsu_scheduler_tests.held_beat_app:app"
 CREDENTIALS = "prometheus:scrape-password-1"
 FAST_SECONDS = 2.0
 SLOW_SECONDS = 3.0
@@ -40,11 +48,13 @@ TAKEOVER_DEADLINE = LEASE_SECONDS + 2 * MAX_LOOP_INTERVAL + FAST_SECONDS
 
 
 @contextmanager
-def beat(env: dict[str, str], log: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
+def beat(
+    env: dict[str, str], log: Path, port: int, app: str = APP
+) -> Iterator[subprocess.Popen[bytes]]:
     """A real `celery beat` for the test schedule, with its metrics endpoint on ``port``."""
     environ = {**env, "IBUTSU_METRICS_PORT": str(port), "IBUTSU_METRICS_BASIC_AUTH": CREDENTIALS}
     ready = lambda: http_get(port, "/healthz")[0] == 200  # noqa: E731
-    with celery_process(APP, ["beat", "--loglevel=INFO"], environ, log, ready=ready) as process:
+    with celery_process(app, ["beat", "--loglevel=INFO"], environ, log, ready=ready) as process:
         yield process
 
 
@@ -255,3 +265,38 @@ def test_the_embedded_scheduler_starts_without_a_traceback(tmp_path: Path) -> No
     text = log.read_text(errors="replace")
     assert "beat: Starting..." in text
     assert "Traceback" not in text
+
+
+def _queued(env: dict[str, str], queue: str, task: str) -> int:
+    """How many messages of ``task`` wait in ``queue``."""
+    client = redis.Redis.from_url(REDIS_URL)
+    raws = client.lrange(f"{env['IBUTSU_REDIS_KEY_PREFIX']}{queue}", 0, -1)
+    client.close()
+    return sum(json.loads(raw)["headers"]["task"] == task for raw in raws)
+
+
+def test_slots_upstreams_beat_sends_are_left_to_it_while_upstreams_workers_are_about(
+    service_environ: dict[str, str], tmp_path: Path
+) -> None:
+    """Upstream's worker runs what it takes without the slot check ours make: while one is
+    about, our beat leaves the entries upstream's beat also sends to that beat (advanced,
+    counted as held, not sent), and goes on sending its own; once none has been seen for
+    the grace period, it sends them again."""
+    client = redis.Redis.from_url(REDIS_URL)
+    sightings = f"{service_environ['IBUTSU_REDIS_KEY_PREFIX']}{SIGHTINGS_KEY}"
+    client.zadd(sightings, {"ibutsu-worker@upstream-1": time.time()})
+    port = free_port()
+    with beat(service_environ, tmp_path / "beat.log", port, HELD_APP):
+        wait_for(lambda: _queued(service_environ, OWN_QUEUE, RECOVER_IMPORTS) >= 3, timeout=60)
+        held = wait_for(lambda: _metric(port, "ibutsu_beat_held_total", entry="sync-aborted-runs"))
+        assert _queued(service_environ, SHARED_QUEUE, SYNC_ABORTED_RUNS) == 0
+        assert held >= 1
+        # Last seen longer ago than the grace period: absent.
+        client.zadd(
+            sightings, {"ibutsu-worker@upstream-1": time.time() - SIGHTING_GRACE_SECONDS - 1}
+        )
+        wait_for(lambda: _queued(service_environ, SHARED_QUEUE, SYNC_ABORTED_RUNS) >= 2, timeout=60)
+        sent = _metric(port, "ibutsu_beat_sends_total", entry="sync-aborted-runs")
+    client.close()
+    assert sent is not None and sent >= 2
+    assert "not sent: upstream's workers are about" in (tmp_path / "beat.log").read_text()

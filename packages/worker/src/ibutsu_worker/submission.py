@@ -96,8 +96,15 @@ def _reason(exc: BaseException) -> str:
     return redact_url(text) if "://" in text else text
 
 
-def import_task_name(content_head: bytes) -> str:
-    """The task the API sends for content starting with ``content_head``."""
+def import_task_name(content_head: bytes, filename: str | None = None) -> str:
+    """The task the API sends for an upload: by the file's name where the API chooses by it
+    (``.xml``, ``.tar.gz``), else for content starting with ``content_head``. Our workers read
+    the format from the content whatever the name; upstream's go by the name."""
+    name = filename or ""
+    if name.endswith(".tar.gz"):
+        return task_names.RUN_ARCHIVE_IMPORT
+    if name.endswith(".xml"):
+        return task_names.RUN_JUNIT_IMPORT
     if ImportFormat.detect(content_head) is ImportFormat.ARCHIVE:
         return task_names.RUN_ARCHIVE_IMPORT
     return task_names.RUN_JUNIT_IMPORT
@@ -271,7 +278,7 @@ class Submitter:
         with self.celery.producer_or_acquire() as producer:
             self._connect(producer.connection)
             self.celery.send_task(
-                import_task_name(content_head),
+                import_task_name(content_head, record.filename),
                 args=[import_record(record)],
                 producer=producer,
                 retry=True,

@@ -6,7 +6,8 @@ result in ``tests``, ``passes`` what is left, ``pass_percent`` floored and clamp
 kept from the client, ``not_run`` the collected tests that did not run; the run's ``duration``
 is the sum of its results'; the first result (by start time) lends the run its ``jenkins`` and
 ``tags`` metadata and its start time, env, component, project and source where the run lacks
-them. Domain code: nothing here commits.
+them. An import passes the report's own total time instead (upstream's importers keep it;
+upstream's ``update_run`` sums the results, as ours does). Domain code: nothing here commits.
 """
 
 from __future__ import annotations
@@ -83,10 +84,12 @@ def summarise(
     *,
     collected: int | None = None,
     start_at_first: bool = False,
+    reported_duration: float | None = None,
 ) -> dict[str, int]:
     """Store on ``run`` the summary and duration of its ``tally``, and what it lacks of its
     ``first`` result; ``collected`` replaces the stored count when given, ``start_at_first``
-    moves the run's start back to its first result's when that is earlier."""
+    moves the run's start back to its first result's when that is earlier, and a
+    ``reported_duration`` (the report's own total, if not 0) wins over the results' sum."""
     if collected is None:
         collected = int((run.summary or {}).get("collected") or 0)
     if first is not None:
@@ -103,7 +106,7 @@ def summarise(
     if start_at_first and first_start is not None:
         run.start_time = min(run.start_time or first_start, first_start)
     run.summary = build_summary(tally.counts, tally.tests, collected)
-    run.duration = tally.duration
+    run.duration = reported_duration or tally.duration
     return run.summary
 
 
@@ -113,6 +116,7 @@ def update_summary(
     *,
     collected: int | None = None,
     start_at_first: bool = False,
+    reported_duration: float | None = None,
 ) -> dict[str, int] | None:
     """Recompute and store the run's summary from its results (see :func:`summarise`).
     Returns the summary, or None when the run does not exist.
@@ -132,7 +136,14 @@ def update_summary(
     for outcome, count, seconds, earliest in rows:
         tally.add(outcome, count, seconds, earliest)
     first = _first_result(session, run, tally.first) if tally.first is not None else None
-    return summarise(run, tally, first, collected=collected, start_at_first=start_at_first)
+    return summarise(
+        run,
+        tally,
+        first,
+        collected=collected,
+        start_at_first=start_at_first,
+        reported_duration=reported_duration,
+    )
 
 
 def _first_result(session: Session, run: Run, started: datetime) -> FirstResult | None:

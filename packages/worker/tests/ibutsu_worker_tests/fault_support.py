@@ -9,17 +9,18 @@ import json
 import re
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from celery import Celery
 from sqlalchemy import func, select, text
 
-from ibutsu_server import task_names
 from ibutsu_server.db.models import Import, Result, Run, utcnow
 from ibutsu_testing.services import celery_process, http_get
-from ibutsu_worker.importing.broker_scan import queued_import_ids
+from ibutsu_worker.importing.broker_scan import held_import_ids
 from ibutsu_worker.importing.recovery import PENDING_GRACE_SECONDS, recover
 from ibutsu_worker.submission import Outcome, SubmissionError, Submitter
 
@@ -85,6 +86,16 @@ def deployed_worker(
 
 
 @contextmanager
+def foreign_worker(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Upstream's worker as it runs: one process, prefetch 4, early acknowledgement."""
+    command = ["worker", "--loglevel=info", "--concurrency=1", "--without-gossip",
+               "--without-mingle", f"--hostname=foreign-{uuid.uuid4().hex[:6]}@%h"]  # fmt: skip
+    ready = lambda: "ready." in log.read_text(errors="replace")  # noqa: E731
+    with celery_process("ibutsu_worker_tests.foreign_app:app", command, env, log, ready=ready) as p:
+        yield p
+
+
+@contextmanager
 def deployed_beat(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     """The scheduler as deployed, on a schedule of one entry every BEAT_PERIOD seconds."""
     ready = lambda: "beat: Starting" in log.read_text(errors="replace")  # noqa: E731
@@ -135,6 +146,20 @@ def beat_slots(log: Path, period: float) -> tuple[int, int, float]:
     return len(times), sum(gap < period / 2 for gap in gaps), max(gaps, default=0.0)
 
 
+class OursAlone:
+    """The recovery's evidence in a fleet of ours alone: the broker's messages, no upstream
+    worker."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+
+    def held_ids(self) -> set[str] | None:
+        return held_import_ids(self.app)
+
+    def upstream_present(self) -> bool:
+        return False
+
+
 def finish(
     submitter: Submitter, import_ids: list[str], deadline: float = 110
 ) -> tuple[list[Outcome], int]:
@@ -155,15 +180,12 @@ def finish(
         try:
             later = utcnow() + timedelta(seconds=PENDING_GRACE_SECONDS + 1)
             found = recover(
-                session,
-                submitter.settings.import_limits,
-                lambda: queued_import_ids(submitter.celery),
-                now=later,
+                session, submitter.settings.import_limits, OursAlone(submitter.celery), now=later
             )
             session.commit()
         finally:
             submitter.db.session.remove()
-        for import_id in found.requeue:
-            submitter.celery.send_task(task_names.IMPORT_RESULTS, args=[str(import_id)])
+        for item in found.requeue:
+            submitter.celery.send_task(item.task, args=[item.record])
         requeued += len(found.requeue)
     return outcomes, requeued

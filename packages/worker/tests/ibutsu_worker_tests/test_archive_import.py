@@ -374,6 +374,29 @@ def test_archive_import_as_the_api_sends_it(
     submitter.db.session.remove()
 
 
+@pytest.mark.parametrize(("stated", "expected"), [(7.5, 7.5), (None, 2.5), (0, 2.5)])
+def test_an_archives_run_lasts_what_its_run_json_says_else_its_results(
+    run_import: ImportRunner,
+    submitter: Submitter,
+    tmp_path: Path,
+    stated: float | None,
+    expected: float,
+) -> None:
+    archive = sample()  # four results: 0.25 + 0.5 + 0.75 + 1 s
+    if stated is None:
+        del archive.run["duration"]
+    else:
+        archive.run["duration"] = stated
+    path = tmp_path / f"{archive.run_id}.tar.gz"
+    path.write_bytes(archive.archive())
+    outcome = run_import(path, project_id=submitter.ensure_project("acme"))
+    assert outcome.status == "done", outcome.message
+    session = submitter.db.session()
+    run = session.get(Run, uuid.UUID(archive.run_id))
+    assert run is not None and run.duration == pytest.approx(expected)
+    submitter.db.session.remove()
+
+
 def test_no_row_names_another_run_or_project_where_the_api_reads_them(
     archive_session: Session,
 ) -> None:

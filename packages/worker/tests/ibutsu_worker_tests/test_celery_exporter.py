@@ -252,9 +252,9 @@ def test_our_metrics_are_celery_exporters_and_its_alerts_fire_on_them(
     api = create_broker_celery_app(settings_for(service_environ))
     api.conf.task_send_sent_event = False
 
-    def api_send(name: str, *args: object, count: int = 1) -> None:
+    def api_send(name: str, *args: object, count: int = 1, **kwargs: object) -> None:
         for _ in range(count):
-            api.send_task(name, args=list(args), origin=API_NODE)
+            api.send_task(name, args=list(args), kwargs=kwargs, origin=API_NODE)
 
     worker_instance, leader_instance = f"127.0.0.1:{worker_port}", f"127.0.0.1:{leader_port}"
 
@@ -278,8 +278,12 @@ def test_our_metrics_are_celery_exporters_and_its_alerts_fire_on_them(
         with running_worker(
             "ibutsu_server:worker_app", worker_env, tmp_path / "worker.log", "--concurrency=2"
         ) as process:
-            # Counted at once when it comes online: one worker, two pool processes.
-            wait_for(lambda: _value(leader(), "celery_active_process_count") == 2, timeout=30)
+            # Counted at once when it comes online: one worker, two pool processes, on each
+            # queue it consumes (the shared one and ours).
+            def processes(queue_name: str) -> float:
+                return _value(leader(), "celery_active_process_count", queue_name=queue_name)
+
+            wait_for(lambda: (processes("celery"), processes("ibutsu-tasks")) == (2, 2), timeout=30)
             assert _value(leader(), "celery_worker_up", hostname=host) == 1
             imports = [submitter.submit(sample) for _ in range(3)]
             api_send(UPDATE_RUN, "8d2e6f6a-4a4b-4c1e-9b5e-000000000001", count=4)
@@ -309,10 +313,12 @@ def test_our_metrics_are_celery_exporters_and_its_alerts_fire_on_them(
                 raise AssertionError(f"counts {seen[-1]}, not (3, 4, 1, 3, 4, 3)") from exc
             # A failure rate needs a failing series that was there before: the first failure
             # of a kind starts its series (as celery-exporter's), the next ones raise it.
-            api_send(PRUNE_OLD_RESULTS, 0)  # a retention of 0 months is refused: a failure
+            # The admin page's call (keywords: a beat's would run once a day): a retention of
+            # 0 months is refused, a failure.
+            api_send(PRUNE_OLD_RESULTS, months=0)
             wait_for(lambda: failed(1), timeout=30)
             first_failure = both()
-            api_send(PRUNE_OLD_RESULTS, 0, count=3)
+            api_send(PRUNE_OLD_RESULTS, months=0, count=3)
             wait_for(lambda: failed(4), timeout=30)
             failing = both()
             os.killpg(process.pid, signal.SIGKILL)  # no goodbye: a lost node

@@ -9,11 +9,8 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +23,7 @@ from ibutsu_server import task_names
 from ibutsu_server.broker_transport import CLAIM, LEASED_KEY
 from ibutsu_server.db.migrate import upgrade
 from ibutsu_testing.private import private_postgres, private_redis
-from ibutsu_testing.services import celery_process, settings_for, wait_for
+from ibutsu_testing.services import settings_for, wait_for
 from ibutsu_testing.tcp_proxy import TcpProxy, tcp_proxy
 from ibutsu_worker.submission import Submitter
 from ibutsu_worker_tests import foreign_app
@@ -35,6 +32,7 @@ from ibutsu_worker_tests.fault_support import (
     deployed_worker,
     figure,
     finish,
+    foreign_worker,
     log_times,
     report,
 )
@@ -124,16 +122,6 @@ def test_a_connection_cut_right_after_each_fetch_loses_no_message(tmp_path: Path
 
 
 # --- a worker that is not ours on the same queue --------------------------------------------
-
-
-@contextmanager
-def foreign_worker(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """Upstream's worker as it runs: one process, prefetch 4, early acknowledgement."""
-    command = ["worker", "--loglevel=info", "--concurrency=1", "--without-gossip",
-               "--without-mingle", f"--hostname=foreign-{uuid.uuid4().hex[:6]}@%h"]  # fmt: skip
-    ready = lambda: "ready." in log.read_text(errors="replace")  # noqa: E731
-    with celery_process("ibutsu_worker_tests.foreign_app:app", command, env, log, ready=ready) as p:
-        yield p
 
 
 def ran(log: Path, task_id: str) -> bool:

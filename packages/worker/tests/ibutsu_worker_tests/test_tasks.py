@@ -4,6 +4,7 @@ PostgreSQL database; follow-ups go to the real Redis. Argument shapes are upstre
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -17,6 +18,7 @@ from sqlalchemy.orm import Session
 from ibutsu_server import task_names
 from ibutsu_server.db.models import Import, ImportFile, Project, Result, Run, User, utcnow
 from ibutsu_server.db.schema import users_projects
+from ibutsu_server.fleet import SIGHTING_GRACE_SECONDS, SIGHTINGS_KEY
 from ibutsu_testing.services import REDIS_URL
 from ibutsu_worker_tests.builders import add_project, add_run
 
@@ -26,11 +28,11 @@ def call(app: Celery, name: str, *args: Any, **kwargs: Any) -> Any:
     return app.tasks[name].apply(args=args, kwargs=kwargs).get()
 
 
-def sent(app: Celery) -> list[dict[str, Any]]:
-    """The messages waiting in the worker's queue, oldest first: task, args, eta."""
+def sent(app: Celery, queue: str = task_names.SHARED_QUEUE) -> list[dict[str, Any]]:
+    """The messages waiting in one of the worker's queues, oldest first: task, args, eta."""
     client = redis.Redis.from_url(REDIS_URL)
     prefix = app.conf.broker_transport_options.get("global_keyprefix", "")
-    raw = client.lrange(f"{prefix}celery", 0, -1)
+    raw = client.lrange(f"{prefix}{queue}", 0, -1)
     client.close()
     messages = []
     for item in reversed(raw):
@@ -46,6 +48,19 @@ def test_the_worker_registers_exactly_the_names_of_the_table(worker_app: Celery)
     registered = {name for name in worker_app.tasks if not name.startswith("celery.")}
     assert registered == task_names.ALL
     assert task_names.UPSTREAM <= task_names.ALL
+
+
+def test_names_only_ours_register_go_to_a_queue_only_ours_consume(worker_app: Celery) -> None:
+    # Upstream's workers share the default queue during a rolling update and discard a name
+    # they do not register: ours never reach them.
+    for name in sorted(task_names.ALL):
+        worker_app.send_task(name)
+    shared = {m["task"] for m in sent(worker_app, task_names.SHARED_QUEUE)}
+    own = {m["task"] for m in sent(worker_app, task_names.OWN_QUEUE)}
+    assert (shared, own) == (set(task_names.UPSTREAM), set(task_names.OURS))
+    # A worker started without -Q consumes every queue of the app: both.
+    consumed = set(worker_app.amqp.queues.consume_from)
+    assert consumed == {task_names.SHARED_QUEUE, task_names.OWN_QUEUE}
 
 
 def test_update_run_by_keyword(worker_app: Celery, app_session: Session) -> None:
@@ -180,10 +195,17 @@ def test_import_results_takes_an_import_or_file_id(
     assert app_session.scalars(select(Import.status)).all() == ["done", "done"]
 
 
-def _aged_import(session: Session, status: str, age: timedelta, **data: Any) -> uuid.UUID:
+def _aged_import(
+    session: Session,
+    status: str,
+    age: timedelta,
+    filename: str = "r.xml",
+    content: bytes = b"<testsuite/>",
+    **data: Any,
+) -> uuid.UUID:
     record = Import(
         id=uuid.uuid4(),
-        filename="r.xml",
+        filename=filename,
         format="",
         status=status,
         created=utcnow() - age,
@@ -191,7 +213,7 @@ def _aged_import(session: Session, status: str, age: timedelta, **data: Any) -> 
     )
     session.add(record)
     session.flush()
-    session.add(ImportFile(id=uuid.uuid4(), import_id=record.id, content=b"<testsuite/>"))
+    session.add(ImportFile(id=uuid.uuid4(), import_id=record.id, content=content))
     session.commit()
     return record.id
 
@@ -203,20 +225,26 @@ def test_recover_imports_requeues_what_nobody_will_finish(
     held = _aged_import(app_session, "running", timedelta(minutes=3))
     young = _aged_import(app_session, "running", timedelta(seconds=5))
     hopeless = _aged_import(app_session, "running", timedelta(minutes=3), requeues=3)
-    lost = _aged_import(app_session, "pending", timedelta(minutes=10))
+    lost = _aged_import(
+        app_session, "pending", timedelta(minutes=10), "r.tar.gz", b"\x1f\x8b...", source="ci"
+    )
     waiting = _aged_import(app_session, "pending", timedelta(minutes=10))
-    worker_app.send_task(task_names.RUN_JUNIT_IMPORT, args=[{"id": str(waiting)}])
+    # Running, no lock, but its message is in the broker (a dead worker's, handed back): the
+    # redelivery takes care of it.
+    handed_back = _aged_import(app_session, "running", timedelta(minutes=3))
+    for key in (waiting, handed_back):
+        worker_app.send_task(task_names.RUN_JUNIT_IMPORT, args=[{"id": str(key)}])
     with Session(worker_app.database.engine) as other:  # a live worker holds this one
         other.get(Import, held, with_for_update=True)
         found = call(worker_app, task_names.RECOVER_IMPORTS)
         other.rollback()
     assert sorted(found["requeued"]) == sorted([str(orphan), str(lost)])
-    assert found["failed"] == [str(hopeless)]
+    assert (found["failed"], found["left_to_upstream"]) == ([str(hopeless)], [])
     app_session.expire_all()
     statuses = dict(app_session.execute(select(Import.id, Import.status)).all())
     assert statuses == {
         orphan: "pending", held: "running", young: "running", hopeless: "error",
-        lost: "pending", waiting: "pending",
+        lost: "pending", waiting: "pending", handed_back: "running",
     }  # fmt: skip
     data = app_session.get(Import, orphan).data  # type: ignore[union-attr]
     assert (
@@ -224,10 +252,47 @@ def test_recover_imports_requeues_what_nobody_will_finish(
         and data["requeues"] == 1
         and data["recovered"].startswith("its worker was lost")
     )
-    requeued = [m["args"] for m in sent(worker_app) if m["task"] == task_names.IMPORT_RESULTS]
-    assert sorted(args[0] for args in requeued) == sorted([str(orphan), str(lost)])
+    # Queued again as the API queued them, on the queue every worker consumes: upstream's
+    # workers run them too.
+    requeued = {
+        m["args"][0]["id"]: (m["task"], m["args"][0])
+        for m in sent(worker_app)
+        if m["args"][0]["id"] in (str(orphan), str(lost))
+    }
+    assert requeued[str(orphan)][0] == task_names.RUN_JUNIT_IMPORT
+    task, record = requeued[str(lost)]
+    assert task == task_names.RUN_ARCHIVE_IMPORT
+    assert (record["filename"], record["status"], record["metadata"]["source"]) == (
+        "r.tar.gz",
+        "pending",
+        "ci",
+    )
+    assert record["created"] is not None and set(record) == {
+        "id", "filename", "format", "status", "created", "metadata",
+    }  # fmt: skip
+    assert sent(worker_app, task_names.OWN_QUEUE) == []
     error = app_session.get(Import, hopeless).data  # type: ignore[union-attr]
     assert error is not None and "its worker was lost 3 times" in error["error"]
+
+
+def test_recover_imports_leaves_running_imports_alone_while_upstream_workers_are_about(
+    worker_app: Celery, app_session: Session
+) -> None:
+    # Upstream's importer holds no lock and has acknowledged its message: a running import
+    # without either may be one of theirs while their workers are seen.
+    theirs = _aged_import(app_session, "running", timedelta(minutes=30))
+    lost = _aged_import(app_session, "pending", timedelta(minutes=10))
+    client = redis.Redis.from_url(REDIS_URL)
+    prefix = worker_app.conf.broker_transport_options.get("global_keyprefix", "")
+    seen = time.time() - SIGHTING_GRACE_SECONDS + 60
+    client.zadd(f"{prefix}{SIGHTINGS_KEY}", {"ibutsu-worker@upstream-1": seen})
+    found = call(worker_app, task_names.RECOVER_IMPORTS)
+    assert found == {"requeued": [str(lost)], "failed": [], "left_to_upstream": [str(theirs)]}
+    # Once none has been seen for the grace period, it is judged as ours would be.
+    client.zadd(f"{prefix}{SIGHTINGS_KEY}", {"ibutsu-worker@upstream-1": seen - 120})
+    client.close()
+    found = call(worker_app, task_names.RECOVER_IMPORTS)
+    assert found == {"requeued": [str(theirs)], "failed": [], "left_to_upstream": []}
 
 
 @pytest.mark.parametrize("name", sorted(task_names.ALL))

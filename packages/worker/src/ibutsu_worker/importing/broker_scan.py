@@ -40,9 +40,11 @@ def _ids(raws: Iterable[bytes | str]) -> set[str]:
     return {key for raw in raws if (key := _import_id(raw)) is not None}
 
 
-def queued_import_ids(app: Celery) -> set[str] | None:
-    """The import ids the broker holds a message for; None when the broker is not Redis (it
-    cannot be read so, and nothing should be sent again on a guess)."""
+def held_import_ids(app: Celery) -> set[str] | None:
+    """The import ids the broker holds a message for, in any of the app's queues (both the
+    shared one and ours) or taken by any worker and not acknowledged (ours, or upstream's
+    prefetched ones); None when the broker is not Redis (it cannot be read so, and nothing
+    should be sent again on a guess)."""
     with app.connection_for_read() as connection:
         if connection.transport.driver_type != "redis":
             return None

@@ -7,6 +7,9 @@ before anything could be expanded or fetched.
 
 What it yields follows upstream's importer where the API and frontend read it back: the
 ``test_id`` is the last dot-part of ``classname``, a dot, and the last dot-part of ``name``;
+the run's duration is the report's own total: the root's ``time``, else the sum of its top
+suites' ``time`` (pytest's suite time includes fixtures and collection), else (the landing's
+part) the sum of its cases';
 result metadata holds ``fspath``, ``line`` and the suite and case ``<property>`` values (read
 from ``name=``, the JUnit attribute, and from ``key=``, which upstream reads); a failure's or
 error's text, and ``<system-out>``/``<system-err>``, become artifacts. Unlike upstream, xfail
@@ -201,6 +204,9 @@ class JUnitReader:
         self._run: RunRecord | None = None
         self._root: dict[str, str] = {}
         self._root_start: datetime | None = None
+        self._root_duration: float | None = None
+        # The sum of the top suites' times (the root's children), None while none states one.
+        self._suites_duration: float | None = None
         self._root_properties: dict[str, str] = {}
         # Properties for the run found after it was opened (a later suite's, stored once).
         self._late_properties: dict[str, str] = {}
@@ -240,8 +246,11 @@ class JUnitReader:
             raise ReportError(f"{NOT_A_REPORT}: no <testsuite> element")
         self._open_run()
         yield from self._drain()
-        if self._late_properties or self._unusable:
-            yield RunUpdate(metadata=self._late_properties, warnings=self.warnings())
+        duration = None if self._root_duration else self._suites_duration
+        if self._late_properties or self._unusable or duration is not None:
+            yield RunUpdate(
+                metadata=self._late_properties, warnings=self.warnings(), duration=duration
+            )
 
     def warnings(self) -> list[str]:
         """What the report holds that could not be used, one line per attribute."""
@@ -303,7 +312,9 @@ class JUnitReader:
         start = self._root_start
         if start is None and self._suites:
             start = self._suites[0].timestamp
-        self._run = RunRecord(start_time=start, metadata=dict(self._root_properties))
+        self._run = RunRecord(
+            start_time=start, duration=self._root_duration, metadata=dict(self._root_properties)
+        )
         self._ready.append(self._run)
 
     def _emit(self, result: ResultRecord) -> None:
@@ -335,8 +346,13 @@ class JUnitReader:
                 )
             self._root = attrs
             self._root_start = self._timestamp(attrs.get("timestamp"))
+            self._root_duration = self._duration(attrs.get("time"))
         if name == "testsuite":
             self._suites_seen += 1
+            if len(self._parents) == 2:  # a top suite: the root's child
+                seconds = self._duration(attrs.get("time"))
+                if seconds is not None:
+                    self._suites_duration = (self._suites_duration or 0.0) + seconds
             outer = self._suites[-1] if self._suites else None
             own_file = attrs.get("file")
             self._suites.append(

@@ -106,6 +106,8 @@ class _Landing:
         self.tally = Tally()
         self.first_result: FirstResult | None = None
         self.warnings: list[str] = []
+        # The report's own total time (its root's, or its top suites' summed), if it says.
+        self.reported_duration: float | None = None
 
     def write(self, records: Iterator[Record]) -> None:
         """Write every record: those before the run are spooled; once it is open, its results
@@ -125,7 +127,7 @@ class _Landing:
         writer = self.writer
         if writer is None:
             raise ReportError("the report describes no run")
-        summary = writer.finish(self.tally, self.first_result)
+        summary = writer.finish(self.tally, self.first_result, self.reported_duration)
         return Landed(
             run_id=writer.run.id,
             results=self.tally.tests,
@@ -137,6 +139,7 @@ class _Landing:
     def _open_run(self, record: RunRecord) -> RowWriter:
         _check_project(self.session, self.upload.project_id, record.project)
         run, row = self.rows.run(record)
+        self.reported_duration = record.duration
         self.budget.charge(len(_JSON.encode(row["data"])))
         self.writer = writer_for(self.session, run, self.spool)
         self.writer.open_run(row)
@@ -181,8 +184,11 @@ class _Landing:
             self.writer.spool_full()
 
     def _update_run(self, update: RunUpdate) -> None:
-        """More of the run's metadata (keys it has keep their value), and warnings."""
+        """More of the run's metadata (keys it has keep their value), warnings, and the
+        run's total time when only its parts state it."""
         self.warnings += update.warnings
+        if update.duration is not None and not self.reported_duration:
+            self.reported_duration = update.duration
         run = self.writer.new_run if self.writer is not None else None
         if run is None or not update.metadata:
             return

@@ -15,7 +15,9 @@ from typing import IO, Any
 
 @dataclass
 class RunRecord:
-    """The run a report describes. ``id`` is None when the report keeps no run id (JUnit)."""
+    """The run a report describes. ``id`` is None when the report keeps no run id (JUnit).
+    ``duration`` is the report's own total, if it states one (a JUnit root's ``time``, an
+    archive's ``run.json``)."""
 
     id: uuid.UUID | None = None
     start_time: datetime | None = None
@@ -33,11 +35,13 @@ class RunRecord:
 @dataclass
 class RunUpdate:
     """What a reader learned about the run after it was opened, sent after the last result:
-    more metadata (a later suite's properties; keys the run already has keep their value) and
-    warnings about values it could not use, for the import to show."""
+    more metadata (a later suite's properties; keys the run already has keep their value),
+    warnings about values it could not use, for the import to show, and the run's total time
+    when only its parts state it (the sum of a JUnit report's top suites' ``time``)."""
 
     metadata: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    duration: float | None = None
 
 
 @dataclass

@@ -94,9 +94,12 @@ class RowWriter(ABC):
         :meth:`finish`."""
 
     @abstractmethod
-    def finish(self, tally: Tally, first: FirstResult | None) -> dict[str, int]:
+    def finish(
+        self, tally: Tally, first: FirstResult | None, duration: float | None = None
+    ) -> dict[str, int]:
         """Write what is left, then the run's summary, which is returned. ``tally`` counts
-        every result written, ``first`` is the one that started first."""
+        every result written, ``first`` is the one that started first; ``duration`` is the
+        report's own total time, if it states one (else the results' sum)."""
 
     def _write_artifacts(self) -> None:
         """Write the spooled artifacts, emptying the spool."""
@@ -153,10 +156,19 @@ class CopyWriter(RowWriter):
             copy_rows(self.session, "results", RESULT_COLUMNS, chain(self.held, lines))
             self.held = []
 
-    def finish(self, tally: Tally, first: FirstResult | None) -> dict[str, int]:
+    def finish(
+        self, tally: Tally, first: FirstResult | None, duration: float | None = None
+    ) -> dict[str, int]:
         assert self.new_run is not None
         # A run starts when the report says, or when its first result started if earlier.
-        summary = summarise(self.new_run, tally, first, collected=tally.tests, start_at_first=True)
+        summary = summarise(
+            self.new_run,
+            tally,
+            first,
+            collected=tally.tests,
+            start_at_first=True,
+            reported_duration=duration,
+        )
         self.session.flush()  # the run inserted complete if its results were held
         if self.held:
             copy_rows(self.session, "results", RESULT_COLUMNS, self.held)
@@ -176,9 +188,11 @@ class InsertWriter(CopyWriter):
             if self.batch.add(row, len(line)):
                 self._insert()
 
-    def finish(self, tally: Tally, first: FirstResult | None) -> dict[str, int]:
+    def finish(
+        self, tally: Tally, first: FirstResult | None, duration: float | None = None
+    ) -> dict[str, int]:
         self._insert()
-        return super().finish(tally, first)
+        return super().finish(tally, first, duration)
 
     def _insert(self) -> None:
         if rows := self.batch.take():
@@ -207,12 +221,18 @@ class UpsertWriter(RowWriter):
         self._upsert()  # the results its artifacts belong to
         self._write_artifacts()
 
-    def finish(self, tally: Tally, first: FirstResult | None) -> dict[str, int]:
+    def finish(
+        self, tally: Tally, first: FirstResult | None, duration: float | None = None
+    ) -> dict[str, int]:
         self._upsert()
         self._write_artifacts()
         # A run starts when the report says, or when its first result started if earlier.
         summary = update_summary(
-            self.session, self.run.id, collected=self.run.collected, start_at_first=True
+            self.session,
+            self.run.id,
+            collected=self.run.collected,
+            start_at_first=True,
+            reported_duration=duration,
         )
         assert summary is not None
         return summary

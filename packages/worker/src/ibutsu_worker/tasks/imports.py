@@ -17,10 +17,11 @@ from sqlalchemy.orm import Session
 
 from ibutsu_server import task_names
 from ibutsu_server.db.models import ImportStatus
+from ibutsu_server.fleet import RedisSightings
 from ibutsu_server.ibutsu_task import IbutsuTask
 from ibutsu_worker import metrics
 from ibutsu_worker.importing import job, recovery
-from ibutsu_worker.importing.broker_scan import queued_import_ids
+from ibutsu_worker.importing.broker_scan import held_import_ids
 from ibutsu_worker.importing.formats import ImportFormat
 
 log = logging.getLogger(__name__)
@@ -85,13 +86,25 @@ def import_results(self: ImportTask, file_id: str) -> None:
     _run(self, key and job.find_import(self.session, key), file_id)
 
 
+class BrokerEvidence:
+    """What the broker says about an app's imports and its fleet (importing.recovery)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def held_ids(self) -> set[str] | None:
+        return held_import_ids(self.app)
+
+    def upstream_present(self) -> bool | None:
+        return RedisSightings(self.app).upstream_present()
+
+
 @shared_task(bind=True, name=task_names.RECOVER_IMPORTS)
 def recover_imports(self: IbutsuTask) -> dict[str, list[str]]:
     """Queue again the imports nobody will finish (their worker or their message is gone), or
-    give them up with the reason; the scheduler sends this every two minutes."""
-    found = recovery.recover(
-        self.session, self.settings.import_limits, lambda: queued_import_ids(self.app)
-    )
-    for import_id in found.requeue:
-        self.send_after_commit(task_names.IMPORT_RESULTS, str(import_id))
+    give them up with the reason; the scheduler sends this every two minutes. Each goes out
+    as the API sent it (its task name, the import record), for any worker to take."""
+    found = recovery.recover(self.session, self.settings.import_limits, BrokerEvidence(self.app))
+    for item in found.requeue:
+        self.send_after_commit(item.task, item.record)
     return found.as_dict()

@@ -13,13 +13,18 @@ from sqlalchemy import func, select
 from ibutsu_server import task_names
 from ibutsu_server.db.models import Import, ImportFile, ImportStatus
 from ibutsu_server.ibutsu_task import IbutsuTask
-from ibutsu_worker import metrics, pruning
+from ibutsu_worker import metrics, pruning, slots
 from ibutsu_worker.importing import job
+
+#: What a prune returns when its slot already ran (both beats sent it).
+SKIPPED = {"skipped": "this slot already ran"}
 
 
 def _prune(
     task: IbutsuTask, prune: Callable[..., pruning.PruneReport], retention: object
 ) -> dict[str, Any]:
+    if not slots.claim(task):
+        return SKIPPED
     report = prune(task, retention)
 
     def count() -> None:

@@ -11,7 +11,7 @@ from celery import shared_task
 from ibutsu_server import task_names
 from ibutsu_server.db.models import utcnow
 from ibutsu_server.ibutsu_task import IbutsuTask
-from ibutsu_worker import metrics
+from ibutsu_worker import metrics, slots
 from ibutsu_worker.summaries import UpdateOutcome, coalesced_update, stale_runs
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,10 @@ def update_run(self: IbutsuTask, run_id: str) -> None:
 def sync_aborted_runs(self: IbutsuTask, hours: int = 24) -> dict[str, int]:
     """Enqueue ``update_run`` (in 5 s, as upstream) for each run started in the last ``hours``
     whose summary disagrees with its results. Returns ``{"enqueued": n}``: a dict, which the
-    API's ``GET /api/task/{id}`` merges into its answer (it cannot take a bare number)."""
+    API's ``GET /api/task/{id}`` merges into its answer (it cannot take a bare number). A
+    beat's send whose half hour another one already ran does nothing (``slots``)."""
+    if not slots.claim(self):
+        return {"enqueued": 0}
     stale = stale_runs(self.session, utcnow() - timedelta(hours=hours))
     for run_id in stale:
         self.send_after_commit(task_names.UPDATE_RUN, str(run_id), countdown=SYNC_COUNTDOWN)
