@@ -23,6 +23,7 @@ from typing import Any
 from sqlalchemy.exc import OperationalError
 
 from ibutsu_server.db.migrate import SchemaError, require_ready, upgrade
+from ibutsu_server.db.models import ImportStatus
 from ibutsu_server.settings import DEFAULT_EMBEDDED_DIR, LIMITS, ConfigError, Role, load_settings
 from ibutsu_worker.demo import DEMO_PROJECT, DemoError, DemoWorker
 from ibutsu_worker.metrics_dir import MULTIPROC_VAR
@@ -184,7 +185,7 @@ def _demo(args: argparse.Namespace, submitter: Submitter) -> int:
             import_ids, args.timeout, WaitReport(submitter, ask_consumers=False)
         )
     _print_outcomes(outcomes, args.json)
-    done = sum(outcome.status == "done" for outcome in outcomes)
+    done = sum(outcome.status == ImportStatus.DONE for outcome in outcomes)
     print(
         f"demo: {done} done, {len(outcomes) - done} failed; worker log: {worker.log_path}",
         file=sys.stderr,
@@ -231,7 +232,7 @@ def _import(args: argparse.Namespace, submitter: Submitter) -> int:
         return 0
     outcomes = submitter.wait(import_ids, args.timeout, WaitReport(submitter, ask_consumers=True))
     _print_outcomes(outcomes, args.json)
-    return 0 if all(o.status == "done" for o in outcomes) else 1
+    return 0 if all(o.status == ImportStatus.DONE for o in outcomes) else 1
 
 
 def _status(args: argparse.Namespace, submitter: Submitter) -> int:
