@@ -44,11 +44,15 @@ def held_import_ids(app: Celery) -> set[str] | None:
     """The import ids the broker holds a message for, in any of the app's queues (both the
     shared one and ours) or taken by any worker and not acknowledged (ours, or upstream's
     prefetched ones); None when the broker is not Redis (it cannot be read so, and nothing
-    should be sent again on a guess)."""
+    should be sent again on a guess) or the server answering is not a primary (a switch-over
+    just made it a replica: its view may lag)."""
     with app.connection_for_read() as connection:
         if connection.transport.driver_type != "redis":
             return None
         channel: Any = connection.default_channel
+        role = channel.client.execute_command("ROLE")[0]
+        if role not in (b"master", "master"):
+            return None
         prefix = getattr(channel, "global_keyprefix", "") or ""
         # One transaction: a snapshot. A message being handed back (out of the unacknowledged
         # set, into its queue) is seen in one place or the other, never in neither.
