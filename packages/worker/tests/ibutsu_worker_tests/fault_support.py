@@ -19,7 +19,7 @@ from celery import Celery
 from sqlalchemy import func, select, text
 
 from ibutsu_server.db.models import Import, Result, Run, utcnow
-from ibutsu_testing.services import celery_process, http_get
+from ibutsu_testing.services import celery_process, http_get, wait_for
 from ibutsu_worker.importing.broker_scan import held_import_ids
 from ibutsu_worker.importing.recovery import PENDING_GRACE_SECONDS, recover
 from ibutsu_worker.submission import Outcome, SubmissionError, Submitter
@@ -136,12 +136,25 @@ def log_times(log: Path, pattern: str) -> list[float]:
     return found
 
 
+BEAT_SENDS = "Scheduler: Sending due task"
+
+
+def wait_for_beat_sends(log: Path, since: float, count: int, timeout: float = 60) -> None:
+    """Wait until the scheduler has logged ``count`` sends after ``since`` (epoch seconds):
+    it kept its schedule across a fault."""
+    wait_for(
+        lambda: sum(t > since for t in log_times(log, BEAT_SENDS)) >= count,
+        timeout=timeout,
+        interval=0.2,
+    )
+
+
 def beat_slots(log: Path, period: float) -> tuple[int, int, float]:
     """(sends, slots sent twice, the longest gap between two sends) from the scheduler's
     log: a send closer than half a period to the one before repeats a slot. RedBeat sends
     a slot that fell in an outage once, late, then keeps to the schedule: the longest gap is
     about the outage plus a period."""
-    times = log_times(log, "Scheduler: Sending due task")
+    times = log_times(log, BEAT_SENDS)
     gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
     return len(times), sum(gap < period / 2 for gap in gaps), max(gaps, default=0.0)
 

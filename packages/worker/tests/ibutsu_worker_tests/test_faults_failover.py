@@ -40,6 +40,7 @@ from ibutsu_worker_tests.fault_support import (
     flower_lists,
     log_times,
     report,
+    wait_for_beat_sends,
 )
 
 IMPORTS = 1000
@@ -82,8 +83,15 @@ def check_fleet(processes: list[subprocess.Popen[bytes]], folder: Path) -> None:
         assert "Traceback" not in log.read_text(errors="replace"), log.name
 
 
-def beat_figures(folder: Path) -> tuple[int, int, float]:
-    return beat_slots(folder / "beat.log", BEAT_PERIOD)
+BEAT_SENDS_AFTER = 3
+
+
+def beat_figures(folder: Path, fault: float) -> tuple[int, int, float]:
+    """The scheduler's sends, slots sent twice and longest gap, once it has sent
+    ``BEAT_SENDS_AFTER`` slots after the ``fault`` (epoch seconds): the schedule survived."""
+    log = folder / "beat.log"
+    wait_for_beat_sends(log, fault, BEAT_SENDS_AFTER)
+    return beat_slots(log, BEAT_PERIOD)
 
 
 def test_a_sentinel_primary_killed_during_1000_imports(tmp_path: Path) -> None:
@@ -111,7 +119,7 @@ def test_a_sentinel_primary_killed_during_1000_imports(tmp_path: Path) -> None:
             outcomes, requeued = finish(submitter, import_ids)
             elapsed = time.monotonic() - started
             wait_for(lambda: flower_lists(flower_port, WORKERS), timeout=30, interval=1)
-            sends, twice, longest = beat_figures(tmp_path)
+            sends, twice, longest = beat_figures(tmp_path, promoted)
             check_fleet(processes, tmp_path)
         assert [o.status for o in outcomes] == ["done"] * IMPORTS
         assert counts(submitter) == (IMPORTS, IMPORTS * CASES)  # none lost, none doubled
@@ -123,7 +131,7 @@ def test_a_sentinel_primary_killed_during_1000_imports(tmp_path: Path) -> None:
         if t > killed
     )
     assert flowing < 30
-    assert sends > 5 and twice == 0
+    assert twice == 0
     assert longest < promoted - killed + 3 * BEAT_PERIOD  # the outage's slot, sent once after
     figure("Sentinel primary SIGKILL at import", f"{before} of {IMPORTS}")
     figure("  time to notice (first worker log line)", f"{noticed - killed:.1f} s")
@@ -167,7 +175,7 @@ def test_a_managed_switch_over_with_live_connections(tmp_path: Path) -> None:
             flowing = first_done_after(submitter, switched, done(submitter))
             outcomes, requeued = finish(submitter, import_ids)
             elapsed = time.monotonic() - started
-            sends, twice, longest = beat_figures(tmp_path)
+            sends, twice, longest = beat_figures(tmp_path, switched)
             check_fleet(processes, tmp_path)
         assert primary.role() == "slave" and replica.role() == "master"
         assert [o.status for o in outcomes] == ["done"] * IMPORTS
@@ -182,7 +190,7 @@ def test_a_managed_switch_over_with_live_connections(tmp_path: Path) -> None:
     ]
     assert readonly, "no role met the demoted primary"
     assert flowing < 30
-    assert sends > 5 and twice == 0 and longest < 2 * BEAT_PERIOD + 1
+    assert twice == 0 and longest < 2 * BEAT_PERIOD + 1
     figure("switch-over (READONLY on live connections) at import", f"{before} of {IMPORTS}")
     figure("  time to notice (first READONLY seen)", f"{min(readonly) - switched:.1f} s")
     figure("  switch to the next import done", f"{flowing:.1f} s")
