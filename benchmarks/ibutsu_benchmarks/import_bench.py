@@ -184,11 +184,8 @@ def _import(submitter: Submitter, project_id: uuid.UUID, report: Path, expected:
     submit_seconds = time.perf_counter() - started
     (outcome,) = submitter.wait([import_id], IMPORT_TIMEOUT)
     total = time.perf_counter() - started
-    session = submitter.db.session()
-    try:
+    with submitter.db.transaction() as session:
         record = session.scalars(select(Import).where(Import.id == uuid.UUID(import_id))).one()
-    finally:
-        submitter.db.session.remove()
     data = record.data or {}
     if outcome.status != ImportStatus.DONE or data.get("result_count") != expected:
         raise RuntimeError(

@@ -23,7 +23,7 @@ import random
 import socket
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import kombu.exceptions
@@ -142,18 +142,8 @@ class IbutsuTask(Task):  # type: ignore[misc]
     def session_scope(self) -> Iterator[Session]:
         """The app context and a session: committed if the block returns, rolled back if it
         raises (even on a connection that is already gone), always removed."""
-        with self.app.flask_app.app_context():
-            session = self.session
-            try:
-                yield session
-                session.commit()
-            except BaseException:
-                # A rollback on a dead connection raises too; the original error matters.
-                with suppress(Exception):
-                    session.rollback()
-                raise
-            finally:
-                self.db.session.remove()
+        with self.app.flask_app.app_context(), self.db.transaction() as session:
+            yield session
 
     def checkpoint(self, reason: str) -> None:
         """Commit now, on purpose, so others see the work so far (``reason`` says why);

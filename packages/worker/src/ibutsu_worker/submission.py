@@ -149,11 +149,8 @@ class Submitter:
 
     def project_id(self, project: str) -> uuid.UUID:
         """The id of an existing project, named by id or by name."""
-        session = self.db.session()
-        try:
+        with self.db.transaction() as session:
             found = session.scalar(select(Project.id).where(Project.named(project)).limit(1))
-        finally:
-            self.db.session.remove()
         if found is None:
             raise SubmissionError(
                 f"no project {project!r}: create it with `ibutsu-tasks project create` "
@@ -165,13 +162,8 @@ class Submitter:
         self, name: str, title: str | None = None, owner_email: str | None = None
     ) -> Created:
         """Create the project ``name``, or find it if it exists as asked (``create_project``)."""
-        session = self.db.session()
-        try:
-            created = create_project(session, name, title, owner_email)
-            session.commit()
-            return created
-        finally:
-            self.db.session.remove()
+        with self.db.transaction() as session:
+            return create_project(session, name, title, owner_email)
 
     def ensure_project(self, name: str) -> uuid.UUID:
         """The project named ``name``, created if missing (the demo's own database only)."""
@@ -206,13 +198,9 @@ class Submitter:
             status=ImportStatus.PENDING,
             created=utcnow(),
         )
-        session = self.db.session()
-        try:
+        with self.db.transaction() as session:
             session.add(record)
             session.add(ImportFile(id=uuid.uuid4(), import_id=record.id, content=content))
-            session.commit()
-        finally:
-            self.db.session.remove()
         return record
 
     def previous(self, path: Path, project_id: uuid.UUID | None) -> Outcome | None:
@@ -223,8 +211,7 @@ class Submitter:
         except OSError as exc:
             raise SubmissionError(f"cannot read {path}: {exc.strerror}") from None
         project = str(project_id) if project_id else None
-        session = self.db.session()
-        try:
+        with self.db.transaction() as session:
             candidates = session.scalars(
                 select(Import)
                 .where(
@@ -236,8 +223,6 @@ class Submitter:
             found = next(
                 (r for r in candidates if (r.data or {}).get("project_id") == project), None
             )
-        finally:
-            self.db.session.remove()
         return self.outcome(str(found.id)) if found is not None else None
 
     @property
@@ -301,12 +286,8 @@ class Submitter:
                 self.enqueue(record, head.read(2))
         except Exception as exc:
             # Never leave an import pending that no worker will ever hear of.
-            session = self.db.session()
-            try:
+            with self.db.transaction() as session:
                 mark_error(session, record.id, "could not be queued: the broker is unreachable")
-                session.commit()
-            finally:
-                self.db.session.remove()
             reason = _reason(exc)
             raise NotQueued(
                 f"cannot queue {path.name}: the broker at {self.broker} is unreachable "
@@ -319,8 +300,7 @@ class Submitter:
 
     def outcome(self, import_id: str) -> Outcome:
         """The import's current state, with its run's summary once it is done."""
-        session = self.db.session()
-        try:
+        with self.db.transaction() as session:
             record = session.get(Import, uuid.UUID(import_id))
             if record is None:
                 raise SubmissionError(f"no import {import_id}")
@@ -339,8 +319,6 @@ class Submitter:
                 run_id=run_id,
                 summary=summary,
             )
-        finally:
-            self.db.session.remove()
 
     def consumers(self) -> list[str] | None:
         """The node names of the workers that consume the imports' queue, as they answer a

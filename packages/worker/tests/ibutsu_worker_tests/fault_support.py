@@ -189,15 +189,11 @@ def finish(
         except SubmissionError:
             if time.monotonic() > until:
                 raise
-        session = submitter.db.session()
-        try:
+        with submitter.db.transaction() as session:
             later = utcnow() + timedelta(seconds=PENDING_GRACE_SECONDS + 1)
             found = recover(
                 session, submitter.settings.import_limits, OursAlone(submitter.celery), now=later
             )
-            session.commit()
-        finally:
-            submitter.db.session.remove()
         for item in found.requeue:
             submitter.celery.send_task(item.task, args=[item.record])
         requeued += len(found.requeue)

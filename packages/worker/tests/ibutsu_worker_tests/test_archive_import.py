@@ -363,15 +363,14 @@ def test_archive_import_as_the_api_sends_it(
         assert outcome.summary is not None and outcome.summary["tests"] == 4
     assert outcomes[2].status == "error"
     assert outcomes[2].message is not None and "symbolic link" in outcomes[2].message
-    session = submitter.db.session()
-    record = session.get(Import, uuid.UUID(outcomes[0].import_id))
-    assert record is not None and record.format == "archive"
-    assert record.data is not None and record.data["result_count"] == 4
-    assert record.data["run_id"] == [archive.run_id]
-    assert counts(session) == {"runs": 1, "results": 4, "artifacts": 2}
-    run = session.get(Run, uuid.UUID(archive.run_id))
-    assert run is not None and run.project_id == acme
-    submitter.db.session.remove()
+    with submitter.db.transaction() as session:
+        record = session.get(Import, uuid.UUID(outcomes[0].import_id))
+        assert record is not None and record.format == "archive"
+        assert record.data is not None and record.data["result_count"] == 4
+        assert record.data["run_id"] == [archive.run_id]
+        assert counts(session) == {"runs": 1, "results": 4, "artifacts": 2}
+        run = session.get(Run, uuid.UUID(archive.run_id))
+        assert run is not None and run.project_id == acme
 
 
 @pytest.mark.parametrize(("stated", "expected"), [(7.5, 7.5), (None, 2.5), (0, 2.5)])
@@ -391,10 +390,9 @@ def test_an_archives_run_lasts_what_its_run_json_says_else_its_results(
     path.write_bytes(archive.archive())
     outcome = run_import(path, project_id=submitter.ensure_project("acme"))
     assert outcome.status == "done", outcome.message
-    session = submitter.db.session()
-    run = session.get(Run, uuid.UUID(archive.run_id))
-    assert run is not None and run.duration == pytest.approx(expected)
-    submitter.db.session.remove()
+    with submitter.db.transaction() as session:
+        run = session.get(Run, uuid.UUID(archive.run_id))
+        assert run is not None and run.duration == pytest.approx(expected)
 
 
 def test_no_row_names_another_run_or_project_where_the_api_reads_them(

@@ -42,16 +42,15 @@ def test_sample_import_lands_whole(
     outcome = run_import(sample(tmp_path), project_id=project, source="ci")
     assert outcome.status == "done" and outcome.message is None
     assert outcome.summary == SAMPLE_SUMMARY
-    session = submitter.db.session()
-    record = session.get(Import, uuid.UUID(outcome.import_id))
-    assert record is not None and record.format == "junit" and record.data is not None
-    assert record.data["result_count"] == 8 and record.data["run_id"] == [outcome.run_id]
-    stored = session.scalar(select(ImportFile.content).where(ImportFile.import_id == record.id))
-    assert stored is None  # cleared after success
-    run = session.get(Run, uuid.UUID(str(outcome.run_id)))
-    assert run is not None and run.project_id == project and run.source == "ci"
-    assert run.duration is not None and abs(run.duration - 1.84) < 1e-9
-    submitter.db.session.remove()
+    with submitter.db.transaction() as session:
+        record = session.get(Import, uuid.UUID(outcome.import_id))
+        assert record is not None and record.format == "junit" and record.data is not None
+        assert record.data["result_count"] == 8 and record.data["run_id"] == [outcome.run_id]
+        stored = session.scalar(select(ImportFile.content).where(ImportFile.import_id == record.id))
+        assert stored is None  # cleared after success
+        run = session.get(Run, uuid.UUID(str(outcome.run_id)))
+        assert run is not None and run.project_id == project and run.source == "ci"
+        assert run.duration is not None and abs(run.duration - 1.84) < 1e-9
     assert count(submitter, Artifact) == 3  # two tracebacks and one system-out
 
 
@@ -82,14 +81,13 @@ def test_whole_corpus(run_import: ImportRunner, submitter: Submitter) -> None:
     # What an import tallied as it wrote is what the aggregates over the stored rows give
     # (the duration is the report's own total; an update sums the results, as upstream's).
     columns = (Run.id, Run.summary, Run.start_time, Run.data, Run.env, Run.component, Run.source)
-    session = submitter.db.session()
-    tallied = session.execute(select(*columns).order_by(Run.id)).all()
-    for run in tallied:
-        update_summary(session, run.id, start_at_first=True)
-    session.flush()
-    recomputed = session.execute(select(*columns).order_by(Run.id)).all()
-    assert recomputed == tallied
-    submitter.db.session.remove()
+    with submitter.db.transaction() as session:
+        tallied = session.execute(select(*columns).order_by(Run.id)).all()
+        for run in tallied:
+            update_summary(session, run.id, start_at_first=True)
+        session.flush()
+        recomputed = session.execute(select(*columns).order_by(Run.id)).all()
+        assert recomputed == tallied
 
 
 @pytest.mark.parametrize("cases", [HELD_ROWS - 1, HELD_ROWS, HELD_ROWS + 1])
@@ -112,11 +110,10 @@ def test_held_and_streamed_results_land_alike(
     failures = sum(1 for n in range(cases) if n % 4)
     assert outcome.summary is not None
     assert (outcome.summary["tests"], outcome.summary["failures"]) == (cases, failures)
-    session = submitter.db.session()
-    run = session.get(Run, uuid.UUID(str(outcome.run_id)))
-    assert run is not None and run.summary == outcome.summary and run.duration == cases
-    assert count(submitter, Result) == cases
-    submitter.db.session.remove()
+    with submitter.db.transaction() as session:
+        run = session.get(Run, uuid.UUID(str(outcome.run_id)))
+        assert run is not None and run.summary == outcome.summary and run.duration == cases
+        assert count(submitter, Result) == cases
 
 
 def test_bad_input_is_recorded_and_the_worker_goes_on(
@@ -177,10 +174,9 @@ def test_run_and_project_in_a_reports_metadata_name_no_other_row(
     (data,) = _stored(submitter, outcome.run_id)
     assert data["run"] == outcome.run_id and data["reported_run"] == elsewhere
     assert data["project"] == "acme"
-    session = submitter.db.session()
-    run = session.get(Run, uuid.UUID(str(outcome.run_id)))
-    assert run is not None and run.data == {"reported_project": "victim"}
-    submitter.db.session.remove()
+    with submitter.db.transaction() as session:
+        run = session.get(Run, uuid.UUID(str(outcome.run_id)))
+        assert run is not None and run.data == {"reported_project": "victim"}
 
 
 def test_times_out_of_range_are_not_stored_and_the_import_says_so(
@@ -197,13 +193,12 @@ def test_times_out_of_range_are_not_stored_and_the_import_says_so(
     assert outcome.message is not None
     assert "2 time= value(s) not a number of seconds from 0 to a year" in outcome.message
     assert "1 timestamp= value(s) not dates from 1970 to a day from now" in outcome.message
-    session = submitter.db.session()
-    run = session.get(Run, uuid.UUID(str(outcome.run_id)))
-    assert run is not None and run.duration == 2.0
-    assert run.start_time < utcnow() + timedelta(days=1)
-    durations = session.scalars(select(Result.duration).order_by(Result.test_id)).all()
-    assert durations == [None, None, 2.0]
-    submitter.db.session.remove()
+    with submitter.db.transaction() as session:
+        run = session.get(Run, uuid.UUID(str(outcome.run_id)))
+        assert run is not None and run.duration == 2.0
+        assert run.start_time < utcnow() + timedelta(days=1)
+        durations = session.scalars(select(Result.duration).order_by(Result.test_id)).all()
+        assert durations == [None, None, 2.0]
 
 
 def test_a_text_too_big_for_memory_is_streamed_to_the_database_whole(
@@ -235,10 +230,8 @@ def test_a_stored_report_of_many_slices_reads_back_whole(
     report = tmp_path / "big.xml"
     report.write_bytes(content)
     record = submitter.store(report)
-    file_id = submitter.db.session().scalar(
-        select(ImportFile.id).where(ImportFile.import_id == record.id)
-    )
-    submitter.db.session.remove()
+    with submitter.db.transaction() as session:
+        file_id = session.scalar(select(ImportFile.id).where(ImportFile.import_id == record.id))
     assert file_id is not None
     head = content[:CHUNK_SIZE]
     chunks = list(content_chunks(submitter.db.engine, file_id, len(content), head))
@@ -292,16 +285,14 @@ def test_a_runs_duration_is_the_reports_own_total(
     report.write_text(content)
     outcome = run_import(report)
     assert outcome.status == "done", outcome.message
-    session = submitter.db.session()
-    run = session.get(Run, uuid.UUID(str(outcome.run_id)))
-    assert run is not None and run.duration == pytest.approx(expected)
-    submitter.db.session.remove()
+    with submitter.db.transaction() as session:
+        run = session.get(Run, uuid.UUID(str(outcome.run_id)))
+        assert run is not None and run.duration == pytest.approx(expected)
     # update_run sums the results, as upstream's update_run does.
     worker_app.tasks[task_names.UPDATE_RUN].apply(args=[str(outcome.run_id)]).get()
-    session = submitter.db.session()
-    cases = session.scalar(select(func.sum(Result.duration)).where(Result.run_id == run.id))
-    assert session.get(Run, run.id).duration == pytest.approx(cases)  # type: ignore[union-attr]
-    submitter.db.session.remove()
+    with submitter.db.transaction() as session:
+        cases = session.scalar(select(func.sum(Result.duration)).where(Result.run_id == run.id))
+        assert session.get(Run, run.id).duration == pytest.approx(cases)  # type: ignore[union-attr]
 
 
 def test_a_long_report_streamed_keeps_its_suites_total(
@@ -316,7 +307,6 @@ def test_a_long_report_streamed_keeps_its_suites_total(
         out.write('</testsuite><testsuite name="b" time="0.5"/></testsuites>')
     outcome = run_import(report)
     assert outcome.status == "done", outcome.message
-    session = submitter.db.session()
-    run = session.get(Run, uuid.UUID(str(outcome.run_id)))
-    assert run is not None and run.duration == pytest.approx(13.0)
-    submitter.db.session.remove()
+    with submitter.db.transaction() as session:
+        run = session.get(Run, uuid.UUID(str(outcome.run_id)))
+        assert run is not None and run.duration == pytest.approx(13.0)

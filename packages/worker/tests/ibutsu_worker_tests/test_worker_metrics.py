@@ -141,8 +141,8 @@ def test_liveness_fails_while_the_event_loop_is_stuck_and_not_before(
     env = {**service_environ, "IBUTSU_METRICS_PORT": str(port), "IBUTSU_LIVENESS_TIMEOUT": "10"}
     submitter = Submitter(settings_for(service_environ))
     upgrade(submitter.db.engine)
-    run_id = add_run(submitter.db.session(), ["passed"])
-    submitter.db.session.remove()
+    with submitter.db.transaction() as session:
+        run_id = add_run(session, ["passed"])
     holder = submitter.db.engine.connect()
     with running_worker(APP, env, tmp_path / "worker.log", "--pool=solo"):
         wait_for(lambda: http_get(port, "/readyz")[0] == 200, timeout=30)

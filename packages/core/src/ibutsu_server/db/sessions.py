@@ -5,7 +5,8 @@ imports it, and the scheduler, which runs no task, should not pay for the ORM at
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -83,3 +84,21 @@ class Database:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.session: scoped_session[Session] = make_session_factory(engine)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """This thread's session for one transaction: committed if the block returns, rolled
+        back if it raises (even on a connection that is already gone), always removed. The
+        one place a session is opened and closed: tasks (IbutsuTask.session_scope), the
+        command line and the tests all go through it."""
+        session = self.session()
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            # A rollback on a dead connection raises too; the original error matters.
+            with suppress(Exception):
+                session.rollback()
+            raise
+        finally:
+            self.session.remove()
