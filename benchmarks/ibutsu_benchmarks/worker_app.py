@@ -9,7 +9,7 @@ from sqlalchemy import text
 
 from ibutsu_benchmarks.workers import EMPTY, NOOP, ONE_STATEMENT
 from ibutsu_server.ibutsu_task import IbutsuTask
-from ibutsu_worker.app import app
+from ibutsu_worker.process.app import app
 
 
 @app.task(base=Task, name=NOOP, ignore_result=True, shared=False)

@@ -12,7 +12,7 @@ from typing import Any
 
 # Entry point attribute -> module of the role package that defines ``app``.
 ROLE_APPS = {
-    "worker_app": "ibutsu_worker.app",
+    "worker_app": "ibutsu_worker.process.app",
     "scheduler_app": "ibutsu_scheduler.app",
     "flower_app": "ibutsu_flower.app",
 }

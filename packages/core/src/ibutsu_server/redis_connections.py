@@ -12,7 +12,7 @@ write that stays unacknowledged for TCP_USER_TIMEOUT_MS fails. The consumer's bl
 and its pub/sub connection are watched by Kombu's health checks (every HEALTH_CHECK_INTERVAL):
 a fetch reply overdue by that much (its wait is 1 s), or two PINGs without a PONG, drop the
 connection. A worker sends a heartbeat every HEARTBEAT_SECONDS and gives its broker connection
-up when one fails (ibutsu_worker.consumer). So a worker notices a silent broker (a command
+up when one fails (ibutsu_worker.process.consumer). So a worker notices a silent broker (a command
 fails, one log line) within SILENCE_NOTICED_WITHIN (the command may first wait for a new
 connection's handshake, then for its own reply), and has given its connection up (and
 reconnects, with backoff, until traffic flows) within SILENCE_GIVEN_UP_WITHIN: the commands

@@ -27,7 +27,7 @@ MIN_PASSWORD_LENGTH = 12
 GIB = 1024 * 1024 * 1024
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # A message that nobody renewed for this long is handed to another worker: its worker is gone.
-# Workers renew the messages they hold (ibutsu_worker.leases), however long their tasks run.
+# Workers renew the messages they hold (ibutsu_worker.process.leases), however long their tasks run.
 DEFAULT_VISIBILITY_TIMEOUT = 90
 # Seconds a warm shutdown (SIGTERM) waits for running tasks before it hands them back; inside
 # Kubernetes' default grace period of 30 s.

@@ -26,7 +26,7 @@ from ibutsu_server.db.migrate import SchemaError, require_ready, upgrade
 from ibutsu_server.db.models import ImportStatus
 from ibutsu_server.settings import DEFAULT_EMBEDDED_DIR, LIMITS, ConfigError, Role, load_settings
 from ibutsu_worker.demo import DEMO_PROJECT, DemoError, DemoWorker
-from ibutsu_worker.metrics_dir import MULTIPROC_VAR
+from ibutsu_worker.process.metrics_dir import MULTIPROC_VAR
 from ibutsu_worker.projects import ProjectError
 from ibutsu_worker.submission import (
     CONSUMER_QUESTION_SECONDS,

@@ -25,6 +25,7 @@ from typing import Any
 from celery import Task
 
 from ibutsu_server import task_names
+from ibutsu_server.broker_keys import SLOT
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ PERIODS = {
     task_names.PRUNE_OLD_IMPORT_FILES: DAY,
     task_names.SYNC_ABORTED_RUNS: HALF_HOUR,
 }
-SLOT_KEY = "ibutsu:slot:{name}:{args}:{start}"
 
 
 def slot_start(name: str, now: float) -> int:
@@ -50,7 +50,7 @@ def slot_start(name: str, now: float) -> int:
 def slot_key(name: str, args: Any, now: float) -> str:
     """The Redis key of the slot that ``name`` called with ``args`` at ``now`` falls in."""
     arguments = json.dumps(list(args or ()), default=str)
-    return SLOT_KEY.format(name=name, args=arguments, start=slot_start(name, now))
+    return SLOT.format(name=name, args=arguments, start=slot_start(name, now))
 
 
 def is_beat_send(task: Task) -> bool:
@@ -72,7 +72,7 @@ def claim(task: Task, now: float | None = None) -> bool:
         if connection.transport.driver_type != "redis":
             return True
         channel: Any = connection.default_channel
-        key = channel.full_key(slot_key(task.name, args, now))
+        key = channel.keys.full(slot_key(task.name, args, now))
         ttl = 2 * PERIODS[task.name]
         owner = (task.request.id or "").encode()
         first = channel.raw_client.set(key, owner, nx=True, ex=ttl)

@@ -11,7 +11,7 @@ from ibutsu_server.app_factory import FlaskCelery
 from ibutsu_server.db.migrate import upgrade
 from ibutsu_testing.fixtures import service_environ
 from ibutsu_testing.services import settings_for
-from ibutsu_worker.factory import create_worker_app
+from ibutsu_worker.process.factory import create_worker_app
 from ibutsu_worker.submission import Outcome, Submitter, import_record, import_task_name
 from ibutsu_worker_tests.builders import ImportRunner
 from ibutsu_worker_tests.dbsession import migrated_session

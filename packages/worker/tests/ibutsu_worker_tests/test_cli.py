@@ -25,7 +25,7 @@ from ibutsu_server.settings import DatabaseSettings, Role, load_settings
 from ibutsu_testing.private import PrivateRedis
 from ibutsu_testing.services import clean_environ, free_port, running_worker, settings_for
 from ibutsu_worker.cli import build_parser
-from ibutsu_worker.metrics_dir import MULTIPROC_VAR
+from ibutsu_worker.process.metrics_dir import MULTIPROC_VAR
 from ibutsu_worker.submission import PUBLISH_PATIENCE_SECONDS
 from ibutsu_worker_tests.corpus import REFUSED, SAMPLE_SUMMARY, corpus_files, expected_count
 

@@ -3,14 +3,13 @@ worker and not yet acknowledged (Redis brokers)."""
 
 from __future__ import annotations
 
-import base64
-import json
 from collections.abc import Iterable
 from typing import Any
 
 from celery import Celery
 
 from ibutsu_server import task_names
+from ibutsu_server.broker_keys import Envelope
 from ibutsu_worker.importing.job import import_id_of
 
 IMPORT_TASKS = frozenset(
@@ -20,19 +19,10 @@ IMPORT_TASKS = frozenset(
 
 def _import_id(raw: bytes | str) -> str | None:
     """The import a raw Redis message is about, if it is an import task's; else None."""
-    try:
-        message = json.loads(raw)
-        if isinstance(message, list):  # the unacked hash keeps [message, exchange, routing key]
-            message = message[0]
-        if message.get("headers", {}).get("task") not in IMPORT_TASKS:
-            return None
-        body = message["body"]
-        if message.get("properties", {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        args = json.loads(body)[0]
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+    message = Envelope.decode(raw)
+    if message is None or message.task not in IMPORT_TASKS or not message.args:
         return None
-    key = import_id_of(args[0]) if args else None
+    key = import_id_of(message.args[0])
     return str(key) if key else None
 
 
@@ -53,15 +43,14 @@ def held_import_ids(app: Celery) -> set[str] | None:
         role = channel.client.execute_command("ROLE")[0]
         if role not in (b"master", "master"):
             return None
-        prefix = getattr(channel, "global_keyprefix", "") or ""
+        keys = channel.keys
         # One transaction: a snapshot. A message being handed back (out of the unacknowledged
         # set, into its queue) is seen in one place or the other, never in neither.
-        with channel.client.pipeline(transaction=True) as pipe:
-            pipe.execute_command("HVALS", prefix + channel.unacked_key)
+        with channel.raw_client.pipeline(transaction=True) as pipe:
+            pipe.hvals(keys.unacked)
             for queue in app.amqp.queues:
-                for priority in channel.priority_steps:
-                    key = prefix + channel._q_for_pri(queue, priority)
-                    pipe.execute_command("LRANGE", key, 0, -1)
+                for key in keys.queue_lists(queue):
+                    pipe.lrange(key, 0, -1)
             replies = pipe.execute()
     unacked, *queued = replies
     found = _ids(unacked)

@@ -19,10 +19,10 @@ from ibutsu_server import task_names
 from ibutsu_server.db.models import ImportStatus
 from ibutsu_server.fleet import RedisSightings
 from ibutsu_server.ibutsu_task import IbutsuTask
-from ibutsu_worker import metrics
 from ibutsu_worker.importing import job, recovery
 from ibutsu_worker.importing.broker_scan import held_import_ids
 from ibutsu_worker.importing.formats import ImportFormat
+from ibutsu_worker.process import metrics
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,9 @@ from sqlalchemy import func, select
 from ibutsu_server import task_names
 from ibutsu_server.db.models import Import, ImportFile, ImportStatus
 from ibutsu_server.ibutsu_task import IbutsuTask
-from ibutsu_worker import metrics, pruning, slots
+from ibutsu_worker import pruning, slots
 from ibutsu_worker.importing import job
+from ibutsu_worker.process import metrics
 
 #: What a prune returns when its slot already ran (both beats sent it).
 SKIPPED = {"skipped": "this slot already ran"}

@@ -11,7 +11,8 @@ from celery import shared_task
 from ibutsu_server import task_names
 from ibutsu_server.db.models import utcnow
 from ibutsu_server.ibutsu_task import IbutsuTask
-from ibutsu_worker import metrics, slots
+from ibutsu_worker import slots
+from ibutsu_worker.process import metrics
 from ibutsu_worker.summaries import UpdateOutcome, coalesced_update, stale_runs
 
 log = logging.getLogger(__name__)

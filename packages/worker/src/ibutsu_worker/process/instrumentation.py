@@ -28,7 +28,7 @@ from ibutsu_server.http_endpoints import Endpoints, serve
 from ibutsu_server.metric_labels import UNKNOWN, hostname_label
 from ibutsu_server.readiness import readiness_check
 from ibutsu_server.settings import MetricsSettings
-from ibutsu_worker import metrics
+from ibutsu_worker.process import metrics
 
 log = logging.getLogger(__name__)
 _STARTED_AT = "_ibutsu_started_at"

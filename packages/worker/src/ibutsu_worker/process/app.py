@@ -6,20 +6,20 @@ shares: the metrics folder is prepared before prometheus_client is first importe
 
 from ibutsu_server.celery_utils import settings_or_exit
 from ibutsu_server.settings import Role
-from ibutsu_worker.metrics_dir import prepare_multiprocess_dir
+from ibutsu_worker.process.metrics_dir import prepare_multiprocess_dir
 
 settings = settings_or_exit(Role.WORKER)
 if settings.metrics is not None:
     prepare_multiprocess_dir()
 
-from ibutsu_worker import (  # noqa: E402 - after the metrics folder
+from ibutsu_worker.process import (  # noqa: E402 - after the metrics folder
     consumer,
     instrumentation,
     leases,
     receipt_origin,
     shutdown,
 )
-from ibutsu_worker.factory import create_worker_app  # noqa: E402
+from ibutsu_worker.process.factory import create_worker_app  # noqa: E402
 
 app = create_worker_app(settings, events=receipt_origin.EVENTS)
 app.conf.worker_consumer = consumer.CONSUMER
