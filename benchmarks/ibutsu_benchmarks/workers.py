@@ -15,6 +15,7 @@ import redis
 
 from ibutsu_benchmarks import cpu
 from ibutsu_benchmarks.common import Services
+from ibutsu_server.broker_keys import BrokerKeys
 from ibutsu_server.celery_utils import IbutsuCelery, create_celery
 from ibutsu_testing.private import private_redis
 from ibutsu_testing.services import running_worker, wait_for
@@ -47,8 +48,8 @@ class Workers:
 
         The clock starts at the first message taken, not at the order to consume: a worker
         waiting on its idle queue hears of the new one only when its blocking pop times out."""
-        prefix = self.services.key_prefix
-        waiting, unacked = f"{prefix}{queue}", f"{prefix}unacked"
+        keys = BrokerKeys(prefix=self.services.key_prefix)
+        waiting, unacked = keys.queue(queue), keys.unacked
         queued = int(self.client.llen(waiting))
 
         def taken() -> bool:

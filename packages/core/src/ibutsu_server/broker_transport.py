@@ -13,7 +13,8 @@
   early acknowledgement, prefetch 4, Kombu's 3,600 s visibility timeout) share the queue. What
   our workers take is also marked in a sorted set of our own (``unacked_leased``), and our
   workers renew those marks and their index entries while they hold them
-  (``ibutsu_worker.leases``). The periodic scan hands back a message of ours once its lease
+  (``ibutsu_worker.process.leases``). The periodic scan hands back a message of ours once its
+  lease
   has not been renewed for our visibility timeout (90 s: its worker is dead), and a foreign
   message only once Kombu's default timeout (FOREIGN_VISIBILITY_TIMEOUT) has passed, as
   upstream's own workers would. Upstream's scan never takes ours while we renew them, and if
@@ -50,14 +51,13 @@ from kombu.utils.json import loads
 from redis import exceptions as redis_errors
 
 from ibutsu_server import redis_connections
+from ibutsu_server.broker_keys import LEASED, BrokerKeys
 
 log = logging.getLogger(__name__)
 
 #: How long a message taken by a worker that is not ours (upstream's, plain Kombu) stays its
 #: own: Kombu's default visibility timeout, which upstream's workers use.
 FOREIGN_VISIBILITY_TIMEOUT = 3600
-#: The sorted set of the messages our workers hold (delivery tag: when taken or last renewed).
-LEASED_KEY = "unacked_leased"
 #: Marks of ours whose message is gone from Kombu's index (a plain Kombu worker handed it
 #: back, after a rollback) are dropped after this long, a few at a time.
 STALE_MARK_SECONDS = 2 * FOREIGN_VISIBILITY_TIMEOUT
@@ -128,7 +128,7 @@ class QoS(kombu_redis.QoS):
 
     def _remove_from_indices(self, delivery_tag: str, pipe: Any = None) -> Any:
         pipe = super()._remove_from_indices(delivery_tag, pipe)  # type: ignore[no-untyped-call]
-        return pipe.zrem(LEASED_KEY, delivery_tag)
+        return pipe.zrem(LEASED, delivery_tag)  # Kombu's pipeline adds the prefix
 
     def restore_unacked(self, client: Any = None) -> Any:
         held = len(self._delivered)
@@ -159,9 +159,11 @@ class QoS(kombu_redis.QoS):
         now = time()
         ours_ceiling = now - self.visibility_timeout
         foreign_ceiling = now - FOREIGN_VISIBILITY_TIMEOUT
+        keys = self.channel.keys
+        raw = self.channel.raw_client
         # Oldest last: as Kombu, so one scan restores at most ``num`` of them.
-        visible = client.zrange(
-            self.unacked_index_key,
+        visible = raw.zrange(
+            keys.unacked_index,
             ours_ceiling,
             0,
             desc=True,
@@ -172,16 +174,17 @@ class QoS(kombu_redis.QoS):
         )
         if visible:
             tags = [tag for tag, _score in visible]
-            marks = self.channel.raw_client.zmscore(self.channel.full_key(LEASED_KEY), tags)
+            marks = raw.zmscore(keys.leased, tags)
             for (tag, score), mark in zip(visible, marks, strict=True):
                 if mark is not None or score <= foreign_ceiling:
                     self.restore_by_tag(tag, client)  # type: ignore[no-untyped-call]
         self._drop_stale_marks(now)
 
     def _drop_stale_marks(self, now: float) -> None:
+        keys = self.channel.keys
         raw = self.channel.raw_client
         stale = raw.zrange(
-            self.channel.full_key(LEASED_KEY),
+            keys.leased,
             0,
             now - STALE_MARK_SECONDS,
             byscore=True,
@@ -190,10 +193,10 @@ class QoS(kombu_redis.QoS):
         )
         if not stale:
             return
-        indexed = raw.zmscore(self.channel.full_key(self.unacked_index_key), stale)
+        indexed = raw.zmscore(keys.unacked_index, stale)
         gone = [tag for tag, score in zip(stale, indexed, strict=True) if score is None]
         if gone:
-            raw.zrem(self.channel.full_key(LEASED_KEY), *gone)
+            raw.zrem(keys.leased, *gone)
 
     def renew(self, tags: list[str]) -> None:
         """Mark ``tags`` as taken now, where they are still unacknowledged (ours, held by a
@@ -201,12 +204,12 @@ class QoS(kombu_redis.QoS):
         if not tags:
             return
         now = time()
-        with self.channel.conn_or_acquire() as client:
-            pipe = client.pipeline(transaction=False)
-            # XX: only renew what is still there; an acknowledged message stays gone.
-            pipe.zadd(self.unacked_index_key, dict.fromkeys(tags, now), xx=True)
-            pipe.zadd(LEASED_KEY, dict.fromkeys(tags, now), xx=True)
-            pipe.execute()
+        keys = self.channel.keys
+        pipe = self.channel.raw_client.pipeline(transaction=False)
+        # XX: only renew what is still there; an acknowledged message stays gone.
+        pipe.zadd(keys.unacked_index, dict.fromkeys(tags, now), xx=True)
+        pipe.zadd(keys.leased, dict.fromkeys(tags, now), xx=True)
+        pipe.execute()
 
 
 class _Claiming:
@@ -219,6 +222,7 @@ class _Claiming:
     _kept_client: Any = None
     _raw_client: Any = None
     _claim_script: Any = None
+    _keys: BrokerKeys | None = None
 
     # From Kombu's channel (typed here for what this class uses).
     global_keyprefix: str
@@ -237,6 +241,9 @@ class _Claiming:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._no_ack_queues: set[str] = set()
         self._fetch_queues: list[str] = []
+        # Whether the last claim took a message: then there may be more, in any queue, and
+        # the next peek must not wait.
+        self._backlog = False
         super().__init__(*args, **kwargs)
 
     # -- one client per channel ---------------------------------------------------------------
@@ -273,9 +280,17 @@ class _Claiming:
         params["retry"] = redis_connections.reconnect_once()
         return params
 
-    def full_key(self, key: str) -> str:
-        """``key`` with the deployment's key prefix, as it is named on the server."""
-        return f"{self.global_keyprefix}{key}"
+    @property
+    def keys(self) -> BrokerKeys:
+        """This channel's key names, prefix included, as its options set them."""
+        if self._keys is None:
+            self._keys = BrokerKeys(
+                prefix=self.global_keyprefix or "",
+                priority_steps=tuple(self.priority_steps),
+                unacked_name=self.unacked_key,
+                unacked_index_name=self.unacked_index_key,
+            )
+        return self._keys
 
     # -- taking messages -----------------------------------------------------------------------
 
@@ -302,18 +317,13 @@ class _Claiming:
         keys, flags, owners = [], [], []
         for priority in self.priority_steps:
             for queue in queues:
-                keys.append(self.full_key(self._q_for_pri(queue, priority)))  # type: ignore[attr-defined]
+                keys.append(self.keys.queue(queue, priority))
                 keep = record if record is not None else queue not in self._no_ack_queues
                 flags.append("1" if keep else "0")
                 owners.append(queue)
         raw = self.raw_client  # (re)registers the script on a new pool
         found = self._claim_script(
-            keys=[
-                self.full_key(self.unacked_key),
-                self.full_key(self.unacked_index_key),
-                self.full_key(LEASED_KEY),
-                *keys,
-            ],
+            keys=[self.keys.unacked, self.keys.unacked_index, self.keys.leased, *keys],
             args=[time(), *flags],
             client=raw,
         )
@@ -342,19 +352,24 @@ class _Claiming:
         # one key and waits out brpop_timeout on an empty one, even while another queue has
         # messages: peeking in rotation, every other fetch of a busy shared queue would wait
         # on our own, mostly empty, queue. The claim takes from every queue, in rotation; a
-        # message of ours alone waits at most brpop_timeout (1 s).
+        # message of ours alone waits at most brpop_timeout (1 s). While claims find
+        # messages, the peek does not block (LMOVE): a backlog in any queue, the shared one
+        # empty, is taken as fast as the worker finishes, not one message per timeout.
         queues = self._queue_cycle.consume(len(self.active_queues))  # type: ignore[attr-defined]
         if not queues:
             return
         self._fetch_queues = list(queues)
         consumed: list[str] = getattr(self, "_active_queues", [])
         peek = next((queue for queue in consumed if queue in queues), queues[0])
-        key = self.full_key(self._q_for_pri(peek, self.priority_steps[0]))  # type: ignore[attr-defined]
+        key = self.keys.queue(peek)
         wait = self.brpop_timeout if timeout is None else timeout
         connection = self.client.connection
         self._in_poll = connection
         self._brpop_sent_at = monotonic()
-        connection.send_command("BLMOVE", key, key, "RIGHT", "RIGHT", wait or 0)
+        if self._backlog:
+            connection.send_command("LMOVE", key, key, "RIGHT", "RIGHT")
+        else:
+            connection.send_command("BLMOVE", key, key, "RIGHT", "RIGHT", wait or 0)
 
     def _brpop_read(self, **options: Any) -> bool:
         try:
@@ -371,6 +386,7 @@ class _Claiming:
         # Whether the peek saw a message or timed out, the claim looks at every queue and
         # priority (the peek watched only one key).
         claimed = self.claim(self._fetch_queues)
+        self._backlog = claimed is not None
         if claimed is None:
             raise Empty()
         queue, payload = claimed

@@ -7,14 +7,14 @@ Upstream's workers leave evidence of two kinds, and both count:
   names it registers; ours register ``importers.recover_imports``, upstream's do not. Upstream's
   worker answers while busy (its pool process imports, its main process answers).
 - **They hold messages.** A message a worker has taken and not acknowledged sits in Kombu's
-  unacknowledged index; ours are also marked as ours (``broker_transport.LEASED_KEY``). One
+  unacknowledged index; ours are also marked as ours (``broker_keys.LEASED``). One
   taken within Kombu's visibility timeout and not marked is held by a worker that is not ours,
   alive or dead (a dead one's come back after that timeout, as they would to upstream).
 
-Each look records what it saw with the time (``SIGHTINGS_KEY``, a sorted set); an upstream
-worker counts as present while it was seen within SIGHTING_GRACE_SECONDS, which spans two
-looks of ``recover_imports`` (every two minutes): one broadcast that a busy worker misses
-does not make it absent. Nothing here needs the database: the scheduler uses it too.
+Each look records what it saw with the time (``broker_keys.SIGHTINGS``, a sorted set); an
+upstream worker counts as present while it was seen within SIGHTING_GRACE_SECONDS, which
+spans two looks of ``recover_imports`` (every two minutes): one broadcast that a busy worker
+misses does not make it absent. Nothing here needs the database: the scheduler uses it too.
 """
 
 from __future__ import annotations
@@ -26,12 +26,11 @@ from typing import Any
 from celery import Celery
 
 from ibutsu_server import task_names
-from ibutsu_server.broker_transport import FOREIGN_VISIBILITY_TIMEOUT, LEASED_KEY
+from ibutsu_server.broker_transport import FOREIGN_VISIBILITY_TIMEOUT
 
 log = logging.getLogger(__name__)
 
 #: Who was seen when: member = a worker's node name (or HELD_BY_OTHERS), score = when.
-SIGHTINGS_KEY = "ibutsu:upstream-sightings"
 #: The member recorded for messages held by workers that are not ours.
 HELD_BY_OTHERS = "(messages held by workers not ours)"
 #: An upstream worker seen this recently still counts as present.
@@ -75,8 +74,8 @@ class RedisSightings:
                 raw = channel.raw_client
                 with raw.pipeline(transaction=False) as pipe:
                     if seen:
-                        pipe.zadd(channel.full_key(SIGHTINGS_KEY), dict.fromkeys(seen, now))
-                    pipe.zremrangebyscore(channel.full_key(SIGHTINGS_KEY), 0, now - FORGET_SECONDS)
+                        pipe.zadd(channel.keys.sightings, dict.fromkeys(seen, now))
+                    pipe.zremrangebyscore(channel.keys.sightings, 0, now - FORGET_SECONDS)
                     pipe.execute()
         except Exception as exc:  # the broker away: the caller decides as if it could not tell
             log.warning("could not look for upstream's workers (%s)", type(exc).__name__)
@@ -90,9 +89,7 @@ class RedisSightings:
                 if connection.transport.driver_type != "redis":
                     return []
                 channel: Any = connection.default_channel
-                found = channel.raw_client.zrangebyscore(
-                    channel.full_key(SIGHTINGS_KEY), since, "+inf"
-                )
+                found = channel.raw_client.zrangebyscore(channel.keys.sightings, since, "+inf")
         except Exception as exc:
             log.warning("could not read upstream sightings (%s)", type(exc).__name__)
             return None
@@ -116,11 +113,9 @@ class RedisSightings:
 def _held_by_others(channel: Any) -> bool:
     """Whether a worker that is not ours holds a message taken within Kombu's visibility
     timeout (unacknowledged, not marked as ours)."""
-    raw = channel.raw_client
-    tags = raw.zrangebyscore(
-        channel.full_key(channel.unacked_index_key), time() - FOREIGN_VISIBILITY_TIMEOUT, "+inf"
-    )
+    raw, keys = channel.raw_client, channel.keys
+    tags = raw.zrangebyscore(keys.unacked_index, time() - FOREIGN_VISIBILITY_TIMEOUT, "+inf")
     if not tags:
         return False
-    marks = raw.zmscore(channel.full_key(LEASED_KEY), tags)
+    marks = raw.zmscore(keys.leased, tags)
     return any(mark is None for mark in marks)

@@ -11,10 +11,13 @@ from contextlib import contextmanager
 
 import pytest
 import redis
+from kombu.message import Message
+from kombu.messaging import Consumer
 from kombu.utils import json as kombu_json
 
 from ibutsu_server import redis_connections
-from ibutsu_server.broker_transport import FOREIGN_VISIBILITY_TIMEOUT, LEASED_KEY, Channel
+from ibutsu_server.broker_keys import BrokerKeys, Envelope
+from ibutsu_server.broker_transport import FOREIGN_VISIBILITY_TIMEOUT, Channel
 from ibutsu_server.celery_utils import IbutsuCelery, create_broker_celery_app
 from ibutsu_server.settings import Settings
 from ibutsu_server.task_names import OWN_QUEUE, SHARED_QUEUE
@@ -29,6 +32,7 @@ from ibutsu_testing.services import free_port, service_env, settings_for
 from ibutsu_testing.tcp_proxy import tcp_proxy
 
 PREFIX = "test-transport:"
+KEYS = BrokerKeys(prefix=PREFIX)
 VISIBILITY = 30
 
 
@@ -84,19 +88,19 @@ def test_a_message_is_taken_and_recorded_as_held_in_one_step_as_kombu_records_it
             assert (queue, payload["headers"]["id"]) == ("celery", first)
             tag = payload["properties"]["delivery_tag"]
             # Kombu's own record of a held message: [payload, exchange, routing key].
-            held, exchange, routing_key = json.loads(str(client.hget(f"{PREFIX}unacked", tag)))
+            held, exchange, routing_key = json.loads(str(client.hget(KEYS.unacked, tag)))
             assert held == payload and (exchange, routing_key) == ("", "celery")
-            for key in ("unacked_index", LEASED_KEY):
-                assert (client.zscore(f"{PREFIX}{key}", tag) or 0) >= before
+            for key in (KEYS.unacked_index, KEYS.leased):
+                assert (client.zscore(key, tag) or 0) >= before
             # A consumer without acknowledgements takes without recording.
             _queue, unrecorded = channel.claim(["celery"], record=False)
             assert unrecorded["headers"]["id"] == second
-            assert client.hlen(f"{PREFIX}unacked") == 1
+            assert client.hlen(KEYS.unacked) == 1
             assert channel.claim(["celery"]) is None  # empty
 
 
 def _age(client: redis.Redis, tag: str, seconds: float) -> None:
-    client.zadd(f"{PREFIX}unacked_index", {tag: time.time() - seconds})
+    client.zadd(KEYS.unacked_index, {tag: time.time() - seconds})
 
 
 def test_the_scan_hands_back_ours_after_our_timeout_and_a_foreign_message_after_kombus() -> None:
@@ -110,17 +114,17 @@ def test_the_scan_hands_back_ours_after_our_timeout_and_a_foreign_message_after_
             for _ in range(2):
                 _queue, payload = channel.claim(["celery"])
                 tag = payload["properties"]["delivery_tag"]
-                client.zrem(f"{PREFIX}{LEASED_KEY}", tag)
+                client.zrem(KEYS.leased, tag)
                 foreign.append(tag)
             _age(client, ours, VISIBILITY + 1)
             _age(client, foreign[0], VISIBILITY + 1)  # older than ours, younger than Kombu's
             _age(client, foreign[1], FOREIGN_VISIBILITY_TIMEOUT + 1)
             channel.qos.restore_visible(num=None, interval=1)
-            assert set(client.hkeys(f"{PREFIX}unacked")) == {foreign[0]}
-            back = [json.loads(raw) for raw in client.lrange(f"{PREFIX}celery", 0, -1)]
-            assert {m["properties"]["delivery_tag"] for m in back} == {ours, foreign[1]}
-            assert all(m["headers"]["redelivered"] for m in back)
-            assert not client.zcard(f"{PREFIX}{LEASED_KEY}")
+            assert set(client.hkeys(KEYS.unacked)) == {foreign[0]}
+            back = [Envelope.decode(raw) for raw in client.lrange(KEYS.queue("celery"), 0, -1)]
+            assert {m.properties["delivery_tag"] for m in back if m} == {ours, foreign[1]}
+            assert all(m and m.headers["redelivered"] for m in back)
+            assert not client.zcard(KEYS.leased)
 
 
 def test_renewals_keep_ours_and_an_acknowledged_message_stays_gone() -> None:
@@ -135,11 +139,11 @@ def test_renewals_keep_ours_and_an_acknowledged_message_stays_gone() -> None:
             _age(client, kept, VISIBILITY + 1)
             renewed = time.time()
             channel.renew([kept, acked])
-            for key in ("unacked_index", LEASED_KEY):
-                assert (client.zscore(f"{PREFIX}{key}", kept) or 0) >= renewed
-                assert client.zscore(f"{PREFIX}{key}", acked) is None
+            for key in (KEYS.unacked_index, KEYS.leased):
+                assert (client.zscore(key, kept) or 0) >= renewed
+                assert client.zscore(key, acked) is None
             channel.qos.restore_visible(num=None, interval=1)
-            assert client.hkeys(f"{PREFIX}unacked") == [kept]
+            assert client.hkeys(KEYS.unacked) == [kept]
 
 
 def test_an_acknowledgement_the_broker_never_got_frees_the_prefetch_slot() -> None:
@@ -156,7 +160,7 @@ def test_an_acknowledgement_the_broker_never_got_frees_the_prefetch_slot() -> No
             with pytest.raises(redis.exceptions.ConnectionError):
                 message.ack()
             assert channel.qos.can_consume()  # Kombu's would wait on it for ever
-        assert client.hlen(f"{PREFIX}unacked") == 1  # still held, for the visibility timeout
+        assert client.hlen(KEYS.unacked) == 1  # still held, for the visibility timeout
 
 
 def test_a_primary_turned_replica_is_a_lost_connection() -> None:
@@ -237,4 +241,31 @@ def test_the_blocking_peek_watches_the_shared_queue_whatever_the_rotation() -> N
         finally:
             channel.client.connection = None
             channel._in_poll = None
-        assert peeked == [f"{PREFIX}{SHARED_QUEUE}"] * 3
+        assert peeked == [KEYS.queue(SHARED_QUEUE)] * 3
+
+
+def _blocking_peeks(client: redis.Redis) -> int:
+    return int(client.info("commandstats").get("cmdstat_blmove", {}).get("calls", 0))
+
+
+def test_a_backlog_in_our_queue_is_taken_without_a_blocking_peek_per_message() -> None:
+    """The shared queue empty, ours holding a backlog: after the first peek waits, claims
+    follow each other with non-blocking peeks until a claim finds nothing, so the backlog
+    drains as fast as it is consumed, not one message per peek timeout."""
+    backlog = 50
+    with broker() as (app, client), app.connection_for_write() as connection:
+        send(app, backlog, queue=OWN_QUEUE)
+        taken: list[object] = []
+
+        def take(_body: object, message: Message) -> None:
+            taken.append(message.delivery_tag)
+            message.ack()  # type: ignore[no-untyped-call]
+
+        queues = [app.amqp.queues[SHARED_QUEUE], app.amqp.queues[OWN_QUEUE]]
+        before = _blocking_peeks(client)
+        with Consumer(connection, queues=queues, callbacks=[take], accept=["json"]):  # type: ignore[no-untyped-call]
+            while len(taken) < backlog:
+                connection.drain_events(timeout=10)
+        assert len(set(taken)) == backlog
+        assert client.llen(KEYS.queue(OWN_QUEUE)) == 0
+        assert _blocking_peeks(client) - before <= 2  # the first, and at most one more

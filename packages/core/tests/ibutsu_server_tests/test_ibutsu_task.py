@@ -4,8 +4,6 @@ commit, named checkpoints, and a failure recorded in a transaction of its own.""
 
 from __future__ import annotations
 
-import base64
-import json
 import random
 import time
 import uuid
@@ -20,7 +18,8 @@ from ibutsu_server.app_factory import FlaskCelery, create_flask_celery_app
 from ibutsu_server.db.migrate import upgrade
 from ibutsu_server.db.models import User
 from ibutsu_server.ibutsu_task import FIRST_FAILURE_HEADER, backoff_delay, is_transient
-from ibutsu_testing.services import REDIS_URL, settings_for
+from ibutsu_testing.broker import queued
+from ibutsu_testing.services import settings_for
 from ibutsu_testing.tasks_app import BACKOFF_BASE, BACKOFF_CAP, RECORDED, register
 
 
@@ -39,18 +38,9 @@ def _users(app: FlaskCelery, pattern: str) -> int:
         return int(connection.scalar(query) or 0)
 
 
-def _queued(app: FlaskCelery) -> list[tuple[str, list[object]]]:
+def _queued(app: FlaskCelery) -> list[tuple[str | None, list[object]]]:
     """(task, args) of each message waiting in the app's queue in Redis."""
-    client = redis.Redis.from_url(REDIS_URL)
-    prefix = app.conf.broker_transport_options["global_keyprefix"]
-    messages = client.lrange(f"{prefix}celery", 0, -1)
-    client.close()
-    found = []
-    for raw in messages:
-        message = json.loads(raw)
-        body = json.loads(base64.b64decode(message["body"]))
-        found.append((message["headers"]["task"], body[0]))
-    return found
+    return [(message.task, message.args) for message in queued(app, "celery")]
 
 
 def test_transient_database_error_is_retried_with_backoff(app: FlaskCelery) -> None:

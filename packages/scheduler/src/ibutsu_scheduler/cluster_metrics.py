@@ -26,7 +26,7 @@ alert rules and dashboards work unchanged):
   producer's host. Producers that send task-sent events (ours: the command line, beat, tasks
   sending follow-ups) are counted when they send; a task first seen when a worker receives it
   (upstream's API sends no events) is counted then, its producer named by the message's
-  origin, which our workers add to their task-received events (ibutsu_worker.receipt_origin;
+  origin, which our workers add to their task-received events (ibutsu_worker.process.receipt_origin;
   "unknown" when another worker received it).
 - ``celery_task_queue_wait_time{name,hostname,queue_name}``: seconds from a send (or its
   ETA, when later: a countdown or a retry's backoff is no wait) to the task's start on the
@@ -308,12 +308,13 @@ class ClusterState:
 
 def queue_lengths(app: Any) -> dict[str, int]:
     """Messages waiting in each of the app's queues, as the broker says now: the length of
-    the queue's Redis list, read as celery-exporter reads it, through the channel's client,
-    which adds the deployment's key prefix (Kombu's passive ``queue_declare`` looks for the
-    key without it, and so finds every queue of a prefixed deployment missing)."""
+    the queue's Redis list (its first priority's, as celery-exporter reads it), prefix included
+    (Kombu's passive ``queue_declare`` looks for the key without it, and so finds every queue of
+    a prefixed deployment missing)."""
     with app.connection_for_read() as connection:
-        client = connection.default_channel.client
-        return {queue: int(client.llen(queue)) for queue in app.amqp.queues}
+        channel = connection.default_channel
+        raw, keys = channel.raw_client, channel.keys
+        return {queue: int(raw.llen(keys.queue(queue))) for queue in app.amqp.queues}
 
 
 def _task_name(value: Any) -> str:

@@ -5,7 +5,6 @@ leader, an exported value) with a deadline, and checks exact counts from the met
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import signal
@@ -22,13 +21,14 @@ from redbeat.decoder import RedBeatJSONDecoder
 
 from ibutsu_scheduler.factory import LEASE_SECONDS, MAX_LOOP_INTERVAL
 from ibutsu_server.celery_utils import create_broker_celery_app
-from ibutsu_server.fleet import SIGHTING_GRACE_SECONDS, SIGHTINGS_KEY
+from ibutsu_server.fleet import SIGHTING_GRACE_SECONDS
 from ibutsu_server.task_names import (
     OWN_QUEUE,
     RECOVER_IMPORTS,
     SHARED_QUEUE,
     SYNC_ABORTED_RUNS,
 )
+from ibutsu_testing.broker import keys_of, queued
 from ibutsu_testing.services import (
     REDIS_URL,
     celery_process,
@@ -60,13 +60,8 @@ def beat(
 
 def _count(env: dict[str, str], which: str) -> int:
     """How many messages of the entry with argument ``which`` beat put on the default queue."""
-    client = redis.Redis.from_url(REDIS_URL)
-    sent = 0
-    for raw in client.lrange(f"{env['IBUTSU_REDIS_KEY_PREFIX']}celery", 0, -1):
-        args = json.loads(base64.b64decode(json.loads(raw)["body"]))[0]
-        sent += args == [which]
-    client.close()
-    return sent
+    messages = queued(env["IBUTSU_REDIS_KEY_PREFIX"], "celery")
+    return sum(message.args == [which] for message in messages)
 
 
 def _metric(port: int, metric: str, **labels: str) -> float | None:
@@ -269,10 +264,7 @@ def test_the_embedded_scheduler_starts_without_a_traceback(tmp_path: Path) -> No
 
 def _queued(env: dict[str, str], queue: str, task: str) -> int:
     """How many messages of ``task`` wait in ``queue``."""
-    client = redis.Redis.from_url(REDIS_URL)
-    raws = client.lrange(f"{env['IBUTSU_REDIS_KEY_PREFIX']}{queue}", 0, -1)
-    client.close()
-    return sum(json.loads(raw)["headers"]["task"] == task for raw in raws)
+    return sum(message.task == task for message in queued(env["IBUTSU_REDIS_KEY_PREFIX"], queue))
 
 
 def test_slots_upstreams_beat_sends_are_left_to_it_while_upstreams_workers_are_about(
@@ -283,7 +275,7 @@ def test_slots_upstreams_beat_sends_are_left_to_it_while_upstreams_workers_are_a
     counted as held, not sent), and goes on sending its own; once none has been seen for
     the grace period, it sends them again."""
     client = redis.Redis.from_url(REDIS_URL)
-    sightings = f"{service_environ['IBUTSU_REDIS_KEY_PREFIX']}{SIGHTINGS_KEY}"
+    sightings = keys_of(service_environ["IBUTSU_REDIS_KEY_PREFIX"]).sightings
     client.zadd(sightings, {"ibutsu-worker@upstream-1": time.time()})
     port = free_port()
     with beat(service_environ, tmp_path / "beat.log", port, HELD_APP):

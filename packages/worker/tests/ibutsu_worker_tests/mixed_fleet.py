@@ -50,7 +50,9 @@ from sqlalchemy import Engine, create_engine, text
 
 from ibutsu_scheduler.schedule import beat_schedule
 from ibutsu_server import task_names
+from ibutsu_server.broker_keys import BrokerKeys
 from ibutsu_server.settings import Retention
+from ibutsu_testing.broker import foreign_held
 from ibutsu_testing.private import PrivatePostgres, private_postgres, private_redis
 from ibutsu_testing.services import DIE_WITH_PARENT, celery_process, free_port, wait_for
 from ibutsu_worker.importing.recovery import PENDING_GRACE_SECONDS
@@ -231,8 +233,11 @@ def drained(engine: Engine, client: redis.Redis) -> bool:
     unfinished = scalar(
         engine, "SELECT count(*) FROM imports WHERE status IN ('pending', 'running')"
     )
-    waiting = sum(int(client.llen(q)) for q in (task_names.SHARED_QUEUE, task_names.OWN_QUEUE))
-    return unfinished == 0 and waiting == 0 and not client.hlen("unacked")
+    waiting = sum(
+        int(client.llen(BrokerKeys().queue(q)))
+        for q in (task_names.SHARED_QUEUE, task_names.OWN_QUEUE)
+    )
+    return unfinished == 0 and waiting == 0 and not client.hlen(BrokerKeys().unacked)
 
 
 def succeeded(*logs: Path) -> Counter[str]:
@@ -314,7 +319,7 @@ def _run(up: upstream.Upstream, broker_url: str, database: PrivatePostgres, logs
             api.upload(junit(logs / f"small-{n}.xml", 1, SMALL_CASES, f"s{n}-"), PROJECT)
             for n in range(SMALL_REPORTS)
         ]
-        wait_for(lambda: _foreign_held(client) == PREFETCHED, timeout=60)
+        wait_for(lambda: foreign_held(client) == PREFETCHED, timeout=60)
         uploaded = time.monotonic()
         figure(
             f"upstream's worker imports the {BIG_CASES:,}-case report, holding",
@@ -379,13 +384,6 @@ def _run(up: upstream.Upstream, broker_url: str, database: PrivatePostgres, logs
         _rollback(up, engine, broker_url, up_worker_log)
     engine.dispose()
     client.close()
-
-
-def _foreign_held(client: redis.Redis) -> int:
-    """How many messages upstream's worker holds (taken, not acknowledged, not ours)."""
-    tags = [tag.decode() if isinstance(tag, bytes) else tag for tag in client.hkeys("unacked")]
-    marks = client.zmscore("unacked_leased", tags) if tags else []
-    return sum(mark is None for mark in marks)
 
 
 def seed_upstream_beat(up: upstream.Upstream, env: dict[str, str], schedule: Path) -> None:

@@ -6,7 +6,6 @@ prints its figures (``pytest -s``) and finishes in under two minutes."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import time
@@ -20,7 +19,8 @@ from kombu.entity import Queue
 from kombu.messaging import Consumer
 
 from ibutsu_server import task_names
-from ibutsu_server.broker_transport import CLAIM, LEASED_KEY
+from ibutsu_server.broker_keys import BrokerKeys, Envelope
+from ibutsu_server.broker_transport import CLAIM
 from ibutsu_server.db.migrate import upgrade
 from ibutsu_testing.private import private_postgres, private_redis
 from ibutsu_testing.services import settings_for, wait_for
@@ -41,6 +41,8 @@ CLAIM_SHA = hashlib.sha1(CLAIM.encode()).hexdigest()
 STOCK = "kombu.transport.redis:Transport"
 # Short, so that what a cut leaves held comes back within the test (at least 10: six renewals).
 VISIBILITY = "10"
+# These deployments have no key prefix, as upstream's.
+KEYS = BrokerKeys()
 
 
 def stock_kombu_loses(url: str, proxied: str, proxy: TcpProxy, messages: int) -> tuple[int, int]:
@@ -61,18 +63,18 @@ def stock_kombu_loses(url: str, proxied: str, proxy: TcpProxy, messages: int) ->
         message.ack()
 
     deadline = time.monotonic() + 30
-    while direct.llen("stock") and time.monotonic() < deadline:
+    while direct.llen(KEYS.queue("stock")) and time.monotonic() < deadline:
         try:
             with (
                 Connection(proxied, transport=STOCK) as connection,  # type: ignore[no-untyped-call]
                 Consumer(connection, [queue], callbacks=[handle], accept=["json"]),  # type: ignore[no-untyped-call]
             ):
-                while direct.llen("stock"):
+                while direct.llen(KEYS.queue("stock")):
                     connection.drain_events(timeout=1)
         except Exception:  # the cut: connect again, as a worker would
             continue
-    held = int(direct.hlen("unacked"))
-    left = int(direct.llen("stock"))
+    held = int(direct.hlen(KEYS.unacked))
+    left = int(direct.llen(KEYS.queue("stock")))
     direct.close()
     return sum(proxy.cuts.values()), messages - len(received) - left - held
 
@@ -130,7 +132,7 @@ def ran(log: Path, task_id: str) -> bool:
 
 
 def unacked_tags(client: redis.Redis) -> set[str]:
-    return {str(tag) for tag in client.hkeys("unacked")}
+    return {str(tag) for tag in client.hkeys(KEYS.unacked)}
 
 
 def test_what_a_foreign_worker_holds_stays_its_own(tmp_path: Path) -> None:
@@ -163,7 +165,7 @@ def test_what_a_foreign_worker_holds_stays_its_own(tmp_path: Path) -> None:
             wait_for(lambda: slow in started_by_foreign(), timeout=30)
             prefetched = [send(str(uuid.uuid4())) for _ in range(4)]
             wait_for(lambda: len(unacked_tags(client)) == 4, timeout=30)
-            assert not client.llen("celery")
+            assert not client.llen(KEYS.queue("celery"))
             held_since = time.time()
             with deployed_worker(env, ours_log, "ours") as ours:
                 mine = [send(str(uuid.uuid4())) for _ in range(10)]
@@ -172,13 +174,15 @@ def test_what_a_foreign_worker_holds_stays_its_own(tmp_path: Path) -> None:
                 abandoned = send(str(uuid.uuid4()), queue="control")
                 with app.connection_for_write() as connection:
                     assert connection.default_channel.claim(["control"]) is not None
-                wait_for(lambda: client.llen("control") == 1, timeout=3 * int(VISIBILITY))
-                (back,) = client.lrange("control", 0, -1)
-                assert json.loads(back)["headers"]["id"] == abandoned
+                wait_for(
+                    lambda: client.llen(KEYS.queue("control")) == 1, timeout=3 * int(VISIBILITY)
+                )
+                (back,) = client.lrange(KEYS.queue("control"), 0, -1)
+                assert getattr(Envelope.decode(back), "id", None) == abandoned
                 restored_ours = time.time() - held_since
                 # ... while the foreign ones, older still, stay where they are.
                 wait_for(lambda: time.time() - held_since > 3 * int(VISIBILITY), timeout=60)
-                assert len(unacked_tags(client)) == 4 and not client.llen("celery")
+                assert len(unacked_tags(client)) == 4 and not client.llen(KEYS.queue("celery"))
                 assert not any(ran(ours_log, t) for t in prefetched)
                 assert started_by_foreign() == [slow]
                 left_alone = time.time() - held_since
@@ -186,7 +190,7 @@ def test_what_a_foreign_worker_holds_stays_its_own(tmp_path: Path) -> None:
                 foreign.wait()
                 # An hour later as far as the broker can tell.
                 for tag in unacked_tags(client):
-                    client.zadd("unacked_index", {tag: time.time() - 3601})
+                    client.zadd(KEYS.unacked_index, {tag: time.time() - 3601})
                 aged = time.monotonic()
                 wait_for(lambda: all(ran(ours_log, t) for t in prefetched), timeout=40)
                 took_over = time.monotonic() - aged
@@ -199,9 +203,9 @@ def test_what_a_foreign_worker_holds_stays_its_own(tmp_path: Path) -> None:
         with app.connection_for_write() as connection:
             for _ in rollback:
                 assert connection.default_channel.claim(["celery"]) is not None
-        assert client.zcard(LEASED_KEY) >= 3
+        assert client.zcard(KEYS.leased) >= 3
         for tag in unacked_tags(client):
-            client.zadd("unacked_index", {tag: time.time() - 3601})
+            client.zadd(KEYS.unacked_index, {tag: time.time() - 3601})
         with foreign_worker(env, tmp_path / "foreign-after.log"):
             wait_for(lambda: set(rollback) <= set(started_by_foreign()), timeout=40)
         assert sorted(started_by_foreign()).count(rollback[0]) == 1

@@ -13,11 +13,13 @@ from pathlib import Path
 import redis
 
 from ibutsu_server import task_names
+from ibutsu_server.broker_keys import BrokerKeys
 from ibutsu_server.db.migrate import upgrade
 from ibutsu_server.fleet import HELD_BY_OTHERS, RedisSightings
+from ibutsu_testing.broker import foreign_held
 from ibutsu_testing.private import private_redis
 from ibutsu_testing.services import postgres_database, service_env, settings_for, wait_for
-from ibutsu_worker.factory import create_worker_app
+from ibutsu_worker.process.factory import create_worker_app
 from ibutsu_worker.slots import HALF_HOUR, slot_key
 from ibutsu_worker_tests import foreign_app
 from ibutsu_worker_tests.fault_support import deployed_worker, foreign_worker
@@ -61,9 +63,8 @@ def test_upstreams_workers_are_seen_by_their_answers_and_by_what_they_hold(
 
 
 def _foreign_holds(client: redis.Redis) -> bool:
-    """Messages taken and not acknowledged, none marked as ours."""
-    tags = [str(tag) for tag in client.hkeys("unacked")]
-    return len(tags) == 2 and all(mark is None for mark in client.zmscore("unacked_leased", tags))
+    """Two messages taken and not acknowledged, none marked as ours."""
+    return client.hlen(BrokerKeys().unacked) == 2 and foreign_held(client) == 2
 
 
 def _clear_of_slot_boundaries() -> None:

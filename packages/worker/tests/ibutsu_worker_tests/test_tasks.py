@@ -3,7 +3,6 @@ PostgreSQL database; follow-ups go to the real Redis. Argument shapes are upstre
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from datetime import timedelta
@@ -18,7 +17,8 @@ from sqlalchemy.orm import Session
 from ibutsu_server import task_names
 from ibutsu_server.db.models import Import, ImportFile, Project, Result, Run, User, utcnow
 from ibutsu_server.db.schema import users_projects
-from ibutsu_server.fleet import SIGHTING_GRACE_SECONDS, SIGHTINGS_KEY
+from ibutsu_server.fleet import SIGHTING_GRACE_SECONDS
+from ibutsu_testing.broker import keys_of, queued
 from ibutsu_testing.services import REDIS_URL
 from ibutsu_worker_tests.builders import add_project, add_run
 
@@ -30,17 +30,10 @@ def call(app: Celery, name: str, *args: Any, **kwargs: Any) -> Any:
 
 def sent(app: Celery, queue: str = task_names.SHARED_QUEUE) -> list[dict[str, Any]]:
     """The messages waiting in one of the worker's queues, oldest first: task, args, eta."""
-    client = redis.Redis.from_url(REDIS_URL)
-    prefix = app.conf.broker_transport_options.get("global_keyprefix", "")
-    raw = client.lrange(f"{prefix}{queue}", 0, -1)
-    client.close()
-    messages = []
-    for item in reversed(raw):
-        message = json.loads(item)
-        body = json.loads(__import__("base64").b64decode(message["body"]))
-        headers = message["headers"]
-        messages.append({"task": headers["task"], "args": body[0], "eta": headers.get("eta")})
-    return messages
+    return [
+        {"task": message.task, "args": message.args, "eta": message.headers.get("eta")}
+        for message in queued(app, queue)
+    ]
 
 
 def test_the_worker_registers_exactly_the_names_of_the_table(worker_app: Celery) -> None:
@@ -283,13 +276,13 @@ def test_recover_imports_leaves_running_imports_alone_while_upstream_workers_are
     theirs = _aged_import(app_session, "running", timedelta(minutes=30))
     lost = _aged_import(app_session, "pending", timedelta(minutes=10))
     client = redis.Redis.from_url(REDIS_URL)
-    prefix = worker_app.conf.broker_transport_options.get("global_keyprefix", "")
+    sightings = keys_of(worker_app).sightings
     seen = time.time() - SIGHTING_GRACE_SECONDS + 60
-    client.zadd(f"{prefix}{SIGHTINGS_KEY}", {"ibutsu-worker@upstream-1": seen})
+    client.zadd(sightings, {"ibutsu-worker@upstream-1": seen})
     found = call(worker_app, task_names.RECOVER_IMPORTS)
     assert found == {"requeued": [str(lost)], "failed": [], "left_to_upstream": [str(theirs)]}
     # Once none has been seen for the grace period, it is judged as ours would be.
-    client.zadd(f"{prefix}{SIGHTINGS_KEY}", {"ibutsu-worker@upstream-1": seen - 120})
+    client.zadd(sightings, {"ibutsu-worker@upstream-1": seen - 120})
     client.close()
     found = call(worker_app, task_names.RECOVER_IMPORTS)
     assert found == {"requeued": [str(theirs)], "failed": [], "left_to_upstream": []}

@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 from ibutsu_server.db.migrate import upgrade
 from ibutsu_server.task_names import RUN_JUNIT_IMPORT as IMPORT
 from ibutsu_server.task_names import UPDATE_RUN
+from ibutsu_testing.broker import keys_of
 from ibutsu_testing.services import (
     REDIS_URL,
     free_port,
@@ -65,7 +66,7 @@ def _push_raw(prefix: str, routing_key: str) -> None:
         },
     }
     client = redis.Redis.from_url(REDIS_URL)
-    client.lpush(f"{prefix}celery", json.dumps(message))
+    client.lpush(keys_of(prefix).queue("celery"), json.dumps(message))
     client.close()
 
 
