@@ -24,6 +24,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import kombu.exceptions
@@ -166,11 +167,16 @@ class IbutsuTask(Task):  # type: ignore[misc]
         it rolls back. ``options`` go to send_task (``countdown=5``, ``kwargs={...}``)."""
         self.after_commit(lambda: self.app.send_task(task_name, args=list(args), **options))
 
+    @cached_property
+    def _signature(self) -> inspect.Signature:
+        # Worked out once per task: inspecting the function costs more than a small task.
+        return inspect.signature(self.run)
+
     def argument_problem(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
         """Why ``args`` and ``kwargs`` do not fit this task's signature, in one line; None
         when they do."""
         try:
-            inspect.signature(self.run).bind(*args, **kwargs)
+            self._signature.bind(*args, **kwargs)
         except TypeError as exc:
             return " ".join(f"bad arguments for {self.name}: {exc}".split())[:300]
         return None

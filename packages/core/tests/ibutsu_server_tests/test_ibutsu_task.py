@@ -98,6 +98,13 @@ def test_a_checkpoint_commits_on_purpose_and_sends_what_was_queued(app: FlaskCel
     assert ("tests.follow_up", [key]) in _queued(app)
 
 
+def test_a_follow_up_queued_after_the_last_statement_is_still_sent(app: FlaskCelery) -> None:
+    key = f"late-{uuid.uuid4().hex}"
+    app.tasks["tests.checkpoint_then_follow_up"].apply(args=[key]).get()
+    assert _users(app, key) == 1
+    assert ("tests.follow_up", [key]) in _queued(app)
+
+
 def test_a_task_reaches_its_transaction_through_the_flask_app_context(app: FlaskCelery) -> None:
     key = f"context-{uuid.uuid4().hex}"
     assert app.tasks["tests.through_the_app_context"].apply(args=[key]).get() is True

@@ -102,6 +102,14 @@ def register(app: FlaskCelery) -> None:
         self.session.add(user(f"{key}-lost"))
         raise ValueError("bad input")
 
+    @app.task(shared=False, bind=True, name="tests.checkpoint_then_follow_up")
+    def checkpoint_then_follow_up(self: IbutsuTask, key: str) -> None:
+        """Commit a user at a checkpoint, then queue a follow-up and touch the database no
+        more: no transaction is open when the task ends, but the follow-up still waits."""
+        self.session.add(user(key))
+        self.checkpoint("the user is made visible")
+        self.send_after_commit("tests.follow_up", key)
+
     @app.task(shared=False, bind=True, name="tests.through_the_app_context")
     def through_the_app_context(self: IbutsuTask, key: str) -> bool:
         """Adds a user through the Flask app context, as upstream's tasks reach the database;

@@ -94,7 +94,11 @@ class Database:
         session = self.session()
         try:
             yield session
-            session.commit()
+            # Any use of the session (a statement, an add, a change to a loaded row) begins a
+            # transaction; a session with none and no follow-up waiting has nothing to commit,
+            # and committing would begin one first: a cost every task that does little paid.
+            if session.in_transaction() or session.info.get(_AFTER_COMMIT):
+                session.commit()
         except BaseException:
             # A rollback on a dead connection raises too; the original error matters.
             with suppress(Exception):
