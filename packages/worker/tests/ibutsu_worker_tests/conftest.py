@@ -18,6 +18,7 @@ from ibutsu_worker_tests.dbsession import migrated_session
 
 __all__ = [
     "app_session",
+    "postgresql_session",
     "run_import",
     "service_environ",
     "session",
@@ -30,6 +31,13 @@ __all__ = [
 def session(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Session]:
     """A session on a freshly migrated database, once on PostgreSQL and once on SQLite."""
     with migrated_session(request.param, tmp_path) as session:
+        yield session
+
+
+@pytest.fixture
+def postgresql_session(tmp_path: Path) -> Iterator[Session]:
+    """A session on a freshly migrated PostgreSQL database, for what only PostgreSQL does."""
+    with migrated_session("postgresql", tmp_path) as session:
         yield session
 
 

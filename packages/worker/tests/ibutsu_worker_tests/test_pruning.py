@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import SimpleNamespace
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 
 from ibutsu_server.db.models import Artifact, Import, ImportFile, Result, Run, utcnow
@@ -123,10 +124,9 @@ def test_months_ago_clamps_to_month_end() -> None:
 
 
 def test_batches_shrink_when_they_take_long_unless_their_size_is_fixed(
-    session: Session, monkeypatch: pytest.MonkeyPatch
+    postgresql_session: Session, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if session.get_bind().dialect.name != "postgresql":
-        pytest.skip("batches adapt where they run in the server: PostgreSQL")
+    session = postgresql_session  # batches adapt where they run in the server: PostgreSQL
     ticks = iter(range(10_000))  # every reading of the clock one second later: slow batches
     monkeypatch.setattr(pruning, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
     monkeypatch.setattr(pruning, "BATCH_SIZE", 4)
@@ -138,3 +138,34 @@ def test_batches_shrink_when_they_take_long_unless_their_size_is_fixed(
     assert report.batches == 4  # 4, 2, 1, then none left
     _run(session, OLD, results=7, artifact_date=OLD)
     assert prune_results(SessionTransaction(session), 5, batch_size=4).batches == 2
+
+
+@dataclass
+class _WatchedCommits(SessionTransaction):
+    """A SessionTransaction that notes the session's synchronous_commit at each checkpoint."""
+
+    seen: list[str] = field(default_factory=list)
+
+    def checkpoint(self, reason: str) -> None:
+        self.seen.append(str(self.session.scalar(text("SHOW synchronous_commit"))))
+        super().checkpoint(reason)
+
+
+def test_a_batch_commits_without_waiting_for_the_disk_and_only_the_batch(
+    postgresql_session: Session,
+) -> None:
+    session = postgresql_session
+    # The tests' own servers run with synchronous_commit off; this database commits durably.
+    database = session.scalar(text("SELECT current_database()"))
+    session.execute(text(f'ALTER DATABASE "{database}" SET synchronous_commit TO on'))
+    session.commit()
+    engine = session.get_bind()
+    assert isinstance(engine, Engine)
+    engine.dispose()  # what connections the pool holds predate the setting
+    _run(session, OLD, results=5, artifact_date=OLD)
+    transaction = _WatchedCommits(session)
+    report = prune_results(transaction, 5, batch_size=2)
+    assert report.deleted == {"artifacts": 5, "results": 5}
+    assert transaction.seen == ["off"] * report.batches
+    # The setting went with each batch's transaction: the connection commits as before.
+    assert session.scalar(text("SHOW synchronous_commit")) == "on"
