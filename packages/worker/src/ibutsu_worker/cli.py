@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy.exc import OperationalError
 
 from ibutsu_server.db.migrate import SchemaError, require_ready, upgrade
-from ibutsu_server.db.models import ImportStatus
+from ibutsu_server.db.models import SUMMARY_COUNTERS, ImportStatus
 from ibutsu_server.settings import DEFAULT_EMBEDDED_DIR, LIMITS, ConfigError, Role, load_settings
 from ibutsu_worker.demo import DEMO_PROJECT, DemoError, DemoWorker
 from ibutsu_worker.process.metrics_dir import MULTIPROC_VAR
@@ -73,7 +73,8 @@ environment variables (the worker's; README.md, "Configuration", says what each 
       the worker's own: checked by every command (a bad value stops it, one line per
       problem, exit status 2), used by demo's worker
 """
-SUMMARY_FIELDS = ("tests", "passes", "failures", "errors", "skips", "xfailures", "xpasses")
+# The counters a summary line shows, in the order the summary defines them.
+SUMMARY_FIELDS = ("tests", "passes", *SUMMARY_COUNTERS.values())
 
 
 class CommandError(Exception):
