@@ -12,7 +12,8 @@ What a batch of results costs (EXPLAIN ANALYZE, 10,000 results): about four fift
 foreign-key check of ``artifacts.result_id``, one index probe per deleted result (20-40 us
 each), which one plain DELETE pays alike; the rest is the heap deletes and their WAL (one
 record of 54 bytes per row; a DELETE adds no index entries, vacuum removes them later), the
-batch's artifacts found through their index, the time index walked for the next batch, and a
+batch's artifacts (a join, or through their index: Pruner._scan says which), the time index
+walked for the next batch, and a
 commit that does not wait for its WAL flush (Pruner._commit says why it need not). So batches
 cost about what one DELETE does, each holding its locks for a fraction of a second; their size
 follows how long the last one's DELETE took (BATCH_SECONDS), as a row costs several times more
@@ -132,6 +133,8 @@ class Pruner:
         self.adaptive = batch_size is None
         self.report = PruneReport(cutoff=cutoff)
         self.postgresql = self.session.get_bind().dialect.name == "postgresql"
+        # Rows in each child table, as the planner's statistics estimate them (reltuples).
+        self._table_rows: dict[str, float] = {}
 
     def by_time(
         self,
@@ -194,11 +197,12 @@ class Pruner:
             started = time.perf_counter()
             doomed = select(key.label("key"), literal_column("ctid").label("row"))
             batch = self._oldest(doomed, column, floor, size).cte("doomed")
-            # Children found through their own index, key by key: a semi-join would hash the
-            # batch's keys and scan the whole child table at every batch.
             keys = func.array(select(batch.c.key).scalar_subquery())
             gone_children = [
-                delete(child.table).where(child == func.any(keys)).returning(child).cte(f"gone_{n}")
+                delete(child.table)
+                .where(child == (batch.c.key if self._scan(child, size) else func.any(keys)))
+                .returning(child)
+                .cte(f"gone_{n}")
                 for n, child in enumerate(children)
             ]
             # By physical row address (a TID scan), not through the primary-key index; the
@@ -228,6 +232,24 @@ class Pruner:
                 size = max(
                     MIN_BATCH, min(MAX_BATCH, 2 * size, int(size * BATCH_SECONDS / deleting))
                 )
+
+    def _scan(self, child: Column[Any], size: int) -> bool:
+        """Whether a batch of ``size`` keys finds its rows in ``child``'s table by scanning
+        it whole (a join: the table hashed, every key looked up in the hash) rather than
+        through ``child``'s index, key by key. A scanned row costs less than a probe, so the
+        join wins while the table has fewer rows than the batch has keys: the usual case for
+        artifacts, which only some results have. A bigger table (or one never analysed)
+        is probed: scanning it whole at every batch would cost without bound."""
+        table = child.table
+        assert isinstance(table, Table)
+        if table.name not in self._table_rows:
+            estimate = self.session.execute(
+                text("SELECT reltuples FROM pg_class WHERE oid = CAST(:table AS regclass)"),
+                {"table": table.name},
+            ).scalar()
+            self._table_rows[table.name] = float(estimate) if estimate is not None else -1.0
+        rows = self._table_rows[table.name]
+        return 0 <= rows < size
 
     def by_query(
         self, key: Column[Any], ids_query: Select[Any], children: Sequence[Column[Any]] = ()

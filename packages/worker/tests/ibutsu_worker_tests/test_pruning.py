@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from types import SimpleNamespace
 
 import pytest
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, event, func, select, text
 from sqlalchemy.orm import Session
 
 from ibutsu_server.db.models import Artifact, Import, ImportFile, Result, Run, utcnow
@@ -169,3 +169,47 @@ def test_a_batch_commits_without_waiting_for_the_disk_and_only_the_batch(
     assert transaction.seen == ["off"] * report.batches
     # The setting went with each batch's transaction: the connection commits as before.
     assert session.scalar(text("SHOW synchronous_commit")) == "on"
+
+
+@dataclass
+class _WatchedStatements(SessionTransaction):
+    """A SessionTransaction that notes each statement the session's connection runs."""
+
+    statements: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        engine = self.session.get_bind()
+        assert isinstance(engine, Engine)
+        event.listen(engine, "before_cursor_execute", self._note)
+
+    def _note(self, _conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        self.statements.append(" ".join(statement.split()))
+
+    def children_found_by(self) -> set[str]:
+        """How each batch found its artifacts: by joining the batch, or through the index."""
+        found = set()
+        for statement in self.statements:
+            if statement.startswith("WITH doomed"):
+                found.add("join" if "DELETE FROM artifacts USING doomed" in statement else "index")
+        return found
+
+
+@pytest.mark.parametrize(
+    ("analysed", "batch_size", "found_by"),
+    [(False, 10, "index"), (True, 4, "index"), (True, 10, "join")],
+    ids=["never-analysed", "table-bigger-than-a-batch", "table-smaller-than-a-batch"],
+)
+def test_a_batch_finds_its_artifacts_by_a_join_only_when_the_table_is_smaller_than_the_batch(
+    postgresql_session: Session, analysed: bool, batch_size: int, found_by: str
+) -> None:
+    session = postgresql_session
+    _run(session, OLD, results=6, artifact_date=RECENT)  # kept artifacts on doomed results
+    _run(session, RECENT, results=3, artifact_date=RECENT)
+    if analysed:  # the planner's statistics now know the table holds 9 artifacts
+        session.execute(text("ANALYZE artifacts"))
+    transaction = _WatchedStatements(session)
+    report = prune_results(transaction, 5, batch_size=batch_size)
+    assert report.deleted == {"artifacts": 6, "results": 6}
+    assert (_count(session, Result), _count(session, Artifact)) == (3, 3)
+    # Unknown size or more rows than keys: probed, at most one probe a key; fewer: hashed.
+    assert transaction.children_found_by() == {found_by}
