@@ -13,8 +13,8 @@ foreign-key check of ``artifacts.result_id``, one index probe per deleted result
 each), which one plain DELETE pays alike; the rest is the heap deletes and their WAL (one
 record of 54 bytes per row; a DELETE adds no index entries, vacuum removes them later), the
 batch's artifacts (a join, or through their index: Pruner._scan says which), the time index
-walked for the next batch, and a
-commit that does not wait for its WAL flush (Pruner._commit says why it need not). So batches
+walked for the next batch, and a commit that does not wait for its WAL flush (Pruner._commit
+says why it need not). So batches
 cost about what one DELETE does, each holding its locks for a fraction of a second; their size
 follows how long the last one's DELETE took (BATCH_SECONDS), as a row costs several times more
 on a loaded server than on an idle one.
@@ -238,18 +238,19 @@ class Pruner:
         it whole (a join: the table hashed, every key looked up in the hash) rather than
         through ``child``'s index, key by key. A scanned row costs less than a probe, so the
         join wins while the table has fewer rows than the batch has keys: the usual case for
-        artifacts, which only some results have. A bigger table (or one never analysed)
-        is probed: scanning it whole at every batch would cost without bound."""
+        artifacts, which only some results have. A bigger table is probed: scanning it whole
+        at every batch would cost without bound. So is one of unknown size: never analysed
+        (reltuples -1; 0 before PostgreSQL 14), or empty, where a probe costs nothing."""
         table = child.table
         assert isinstance(table, Table)
         if table.name not in self._table_rows:
-            estimate = self.session.execute(
-                text("SELECT reltuples FROM pg_class WHERE oid = CAST(:table AS regclass)"),
-                {"table": table.name},
-            ).scalar()
-            self._table_rows[table.name] = float(estimate) if estimate is not None else -1.0
-        rows = self._table_rows[table.name]
-        return 0 <= rows < size
+            self._table_rows[table.name] = float(
+                self.session.execute(
+                    text("SELECT reltuples FROM pg_class WHERE oid = CAST(:table AS regclass)"),
+                    {"table": table.name},
+                ).scalar_one()
+            )
+        return 0 < self._table_rows[table.name] < size
 
     def by_query(
         self, key: Column[Any], ids_query: Select[Any], children: Sequence[Column[Any]] = ()
