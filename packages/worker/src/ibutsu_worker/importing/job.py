@@ -25,12 +25,14 @@ import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from contextlib import closing, suppress
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, Select, Update, and_, func, select, text, update
+from sqlalchemy import BindParameter, Engine, Update, and_, bindparam, func, select, text, update
 from sqlalchemy.orm import Session
 
 from ibutsu_server.db.models import Import, ImportFile, ImportStatus, Project, utcnow
+from ibutsu_server.db.schema import import_files, imports
 from ibutsu_server.db.sessions import Transaction
 from ibutsu_server.settings import ImportLimits
 from ibutsu_worker.importing.archive import archive_records
@@ -93,7 +95,7 @@ def run(
     if claimed is None:
         return None
     record = claimed[0]
-    data = record.data or {}
+    data = record.data
     # The same message again (same task, same retry) means the worker died while importing it
     # (Celery redelivers after a kill): a report that kills workers must stop, not loop.
     last = data.get("deliveries") or {}
@@ -104,12 +106,7 @@ def run(
         return Outcome(import_id, ImportStatus.ERROR, ImportFormat.UNKNOWN, error=message)
     running = {**data, "started": utcnow().isoformat()}
     running["deliveries"] = {"delivery": delivery, "count": count}
-    # A plain UPDATE: the ORM's unit of work costs more than the statement (read again below).
-    session.connection().execute(
-        update(Import)
-        .where(Import.id == import_id)
-        .values(status=ImportStatus.RUNNING, data=running)
-    )
+    session.connection().execute(_MARK_RUNNING, {"claimed_import": import_id, "running": running})
     transaction.checkpoint("the import shows as running")
     # Locked again, for the rest of the import: a second delivery waits here, then finds it done.
     claimed = _locked(session, import_id, with_file=True)
@@ -155,37 +152,68 @@ class _StoredFile:
     head: bytes  # its first CHUNK_SIZE bytes: most reports whole
 
 
+@dataclass(frozen=True)
+class _Claimed:
+    """The import's row as read under its lock."""
+
+    id: uuid.UUID
+    data: dict[str, Any]
+    created: datetime
+
+
+# The statements every import runs, built once, with its values bound at each run: built anew
+# for every import, a statement costs more to build and look up in the compiled cache than to
+# run, and an import is mostly these when its report is small. Core rows, not ORM objects, for
+# the same reason.
+# Named unlike any column: in an UPDATE, a value named as a column is taken as that column's.
+_IMPORT_ID = bindparam("claimed_import", type_=imports.c.id.type)
+_LOCK = (
+    select(imports.c.id, imports.c.data, imports.c.status, imports.c.created)
+    .where(imports.c.id == _IMPORT_ID)
+    .limit(1)
+)
+_LOCK_ALONE = _LOCK.with_for_update()
+_LOCK_WITH_FILE = (
+    _LOCK.add_columns(
+        import_files.c.id,
+        func.length(import_files.c.content),
+        func.substr(import_files.c.content, 1, CHUNK_SIZE),
+    )
+    .outerjoin(
+        import_files,
+        and_(import_files.c.import_id == imports.c.id, import_files.c.content.is_not(None)),
+    )
+    .with_for_update(of=imports)
+)
+_MARK_RUNNING = (
+    update(imports)
+    .where(imports.c.id == _IMPORT_ID)
+    .values(status=ImportStatus.RUNNING, data=bindparam("running"))
+)
+_MARK_DONE = (
+    update(imports)
+    .where(imports.c.id == _IMPORT_ID)
+    .values(status=ImportStatus.DONE, format=bindparam("done_format"), data=bindparam("done"))
+)
+
+
 def _locked(
     session: Session, import_id: uuid.UUID, *, with_file: bool = False
-) -> tuple[Import, _StoredFile | None] | None:
+) -> tuple[_Claimed, _StoredFile | None] | None:
     """The import's row, locked until the transaction ends, and (``with_file``) its stored
     file, None if nothing is stored; None if the import is missing or finished."""
-    query: Select[Any] = select(Import)
-    if with_file:
-        query = query.add_columns(
-            ImportFile.id,
-            func.length(ImportFile.content),
-            func.substr(ImportFile.content, 1, CHUNK_SIZE),
-        ).outerjoin(
-            ImportFile,
-            and_(ImportFile.import_id == Import.id, ImportFile.content.is_not(None)),
-        )
-    row = session.execute(
-        query.where(Import.id == import_id)
-        .limit(1)
-        .with_for_update(of=Import)
-        .execution_options(populate_existing=True)
-    ).first()
+    query = _LOCK_WITH_FILE if with_file else _LOCK_ALONE
+    row = session.connection().execute(query, {"claimed_import": import_id}).first()
     if row is None:
         log.warning("import %s does not exist; nothing to do", import_id)
         return None
-    record: Import = row[0]
-    if ImportStatus.finished(record.status):
-        log.info("import %s is already %s; nothing to do", import_id, record.status)
+    if ImportStatus.finished(row.status):
+        log.info("import %s is already %s; nothing to do", import_id, row.status)
         return None
-    if not with_file or row[1] is None:
+    record = _Claimed(row.id, row.data or {}, row.created)
+    if not with_file or row[4] is None:
         return record, None
-    return record, _StoredFile(row[1], int(row[2]), bytes(row[3] or b""))
+    return record, _StoredFile(row[4], int(row[5]), bytes(row[6] or b""))
 
 
 def find_import(session: Session, file_id: uuid.UUID) -> uuid.UUID | None:
@@ -195,9 +223,9 @@ def find_import(session: Session, file_id: uuid.UUID) -> uuid.UUID | None:
     return session.scalar(select(ImportFile.import_id).where(ImportFile.id == file_id))
 
 
-def _upload(session: Session, record: Import) -> Upload:
+def _upload(session: Session, record: _Claimed) -> Upload:
     """What the import record (as the API stored it) says about its upload."""
-    data = record.data or {}
+    data = record.data
     project_id = None
     if data.get("project_id"):
         try:
@@ -278,31 +306,30 @@ def content_chunks(
             connection.close()
 
 
-def _mark_done(session: Session, record: Import, fmt: ImportFormat, landed: Landed) -> None:
-    data = {key: value for key, value in (record.data or {}).items() if key != "error"}
+def _mark_done(session: Session, record: _Claimed, fmt: ImportFormat, landed: Landed) -> None:
+    data = {key: value for key, value in record.data.items() if key != "error"}
     data.update(run_id=[str(landed.run_id)], result_count=landed.results)
     data["stored_bytes"] = landed.stored_bytes
     data["finished"] = utcnow().isoformat()
     if landed.warnings:
         data["warnings"] = list(landed.warnings)
-    done = (
-        update(Import)
-        .where(Import.id == record.id)
-        .values(format=fmt, status=ImportStatus.DONE, data=data)
-    )
-    cleared = drop_stored_report(record.id)
+    values = {"claimed_import": record.id, "done_format": fmt, "done": data}
     connection = session.connection()
     if connection.dialect.name == "postgresql":  # both in one statement, one round trip
-        connection.execute(done.add_cte(cleared.returning(ImportFile.id).cte("cleared")))
+        connection.execute(_MARK_DONE_AND_DROP, values)
     else:
-        connection.execute(done)
-        connection.execute(cleared)
+        connection.execute(_MARK_DONE, values)
+        connection.execute(_DROP_STORED, values)
 
 
-def drop_stored_report(import_id: uuid.UUID) -> Update:
+def drop_stored_report(import_id: uuid.UUID | BindParameter[uuid.UUID]) -> Update:
     """The statement that drops an import's stored report: the report has served its purpose
     once the import is finished; the rows stay, the bytes go."""
-    return update(ImportFile).where(ImportFile.import_id == import_id).values(content=None)
+    return update(import_files).where(import_files.c.import_id == import_id).values(content=None)
+
+
+_DROP_STORED = drop_stored_report(_IMPORT_ID)
+_MARK_DONE_AND_DROP = _MARK_DONE.add_cte(_DROP_STORED.returning(import_files.c.id).cte("cleared"))
 
 
 def mark_error(
