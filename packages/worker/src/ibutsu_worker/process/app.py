@@ -4,6 +4,10 @@ Process-level set-up lives here, in the entry point, not in the factory the comm
 shares: the metrics folder is prepared before prometheus_client is first imported.
 """
 
+import gc
+
+from celery.signals import worker_init
+
 from ibutsu_server.celery_utils import settings_or_exit
 from ibutsu_server.settings import Role
 from ibutsu_worker.process.metrics_dir import prepare_multiprocess_dir
@@ -28,3 +32,6 @@ instrumentation.install(app, settings.metrics)
 receipt_origin.install()
 leases.install(app, settings.visibility_timeout)
 shutdown.install()
+# The pool forks after this: what the main process built (Celery, SQLAlchemy, every task) lives
+# as long as each child, so the collector need not walk it again at every full collection.
+worker_init.connect(lambda **_: gc.freeze(), weak=False)
