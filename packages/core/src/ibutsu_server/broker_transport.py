@@ -30,6 +30,9 @@
   raises a connection error, which Celery expects, and the messages stay held, to come back
   after the visibility timeout to tasks that find their work done. A server demoted to replica
   (``READONLY``) is a lost connection too (ibutsu_server.redis_connections).
+- **A failover never fails a finished task.** The result backend stores a task's state again
+  while Redis cannot be reached, for a bounded time, instead of failing a task whose work is
+  done.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from queue import Empty
-from time import monotonic, time
+from time import monotonic, sleep, time
 from typing import Any
 
 import redis
@@ -61,6 +64,11 @@ FOREIGN_VISIBILITY_TIMEOUT = 3600
 #: Marks of ours whose message is gone from Kombu's index (a plain Kombu worker handed it
 #: back, after a rollback) are dropped after this long, a few at a time.
 STALE_MARK_SECONDS = 2 * FOREIGN_VISIBILITY_TIMEOUT
+#: A task's state is stored again while Redis cannot be reached, for this long (a Sentinel
+#: failover takes seconds), pausing from the first pause, doubled each time, to the longest.
+RESULT_STORE_PATIENCE_SECONDS = 30.0
+RESULT_STORE_FIRST_PAUSE = 0.1
+RESULT_STORE_LONGEST_PAUSE = 2.0
 
 # KEYS: unacked hash, unacked index, leased set, then the queue keys in the order to try.
 # ARGV: now, then for each queue key "1" to record it as held (acknowledged later) or "0"
@@ -428,7 +436,36 @@ class SentinelTransport(kombu_redis.SentinelTransport):
     Channel = SentinelChannel
 
 
-class ResultBackend(RedisBackend):  # type: ignore[misc]
+class _PatientStore:
+    """Stores a task's state again while Redis cannot be reached (a Sentinel failover leaves
+    no primary for a few seconds), for up to RESULT_STORE_PATIENCE_SECONDS, then gives it up
+    with one warning line. Celery would fail the task instead, with a traceback, though its
+    work is done (an import is committed before its state is stored)."""
+
+    connection_errors: tuple[type[BaseException], ...]
+
+    def store_result(self, task_id: str, result: Any, state: str, *args: Any, **kwargs: Any) -> Any:
+        deadline = monotonic() + RESULT_STORE_PATIENCE_SECONDS
+        pause = RESULT_STORE_FIRST_PAUSE
+        while True:
+            try:
+                return super().store_result(task_id, result, state, *args, **kwargs)  # type: ignore[misc]
+            except self.connection_errors as exc:
+                if monotonic() + pause > deadline:
+                    log.warning(
+                        "task %s: its state (%s) is not stored, Redis stayed unreachable for "
+                        "%.0f s (%s); what the task did stands",
+                        task_id,
+                        state,
+                        RESULT_STORE_PATIENCE_SECONDS,
+                        type(exc).__name__,
+                    )
+                    return result
+                sleep(pause)
+                pause = min(2 * pause, RESULT_STORE_LONGEST_PAUSE)
+
+
+class ResultBackend(_PatientStore, RedisBackend):  # type: ignore[misc]
     """Celery's Redis result backend, reconnecting on ``READONLY``, with keepalives."""
 
     def _create_client(self, **params: Any) -> Any:
@@ -439,7 +476,7 @@ class ResultBackend(RedisBackend):  # type: ignore[misc]
         return super()._create_client(**_bounded(params))
 
 
-class SentinelResultBackend(SentinelBackend):  # type: ignore[misc]
+class SentinelResultBackend(_PatientStore, SentinelBackend):  # type: ignore[misc]
     """Celery's Sentinel result backend (its connections ask the sentinels again after a
     failover or on ``READONLY``), with keepalives."""
 

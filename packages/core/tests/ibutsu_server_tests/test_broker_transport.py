@@ -5,17 +5,19 @@ READONLY, and the start-up check."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
 import redis
+from celery import states
 from kombu.message import Message
 from kombu.messaging import Consumer
 from kombu.utils import json as kombu_json
 
-from ibutsu_server import redis_connections
+from ibutsu_server import broker_transport, redis_connections
 from ibutsu_server.broker_keys import BrokerKeys, Envelope
 from ibutsu_server.broker_transport import FOREIGN_VISIBILITY_TIMEOUT, Channel
 from ibutsu_server.celery_utils import IbutsuCelery, create_broker_celery_app
@@ -175,6 +177,34 @@ def test_a_primary_turned_replica_is_a_lost_connection() -> None:
         with pytest.raises(redis.exceptions.ConnectionError, match="read-only replica now"):
             client.set("key", "value")
         client.close()
+
+
+def test_a_task_state_is_stored_once_redis_is_back_and_given_up_in_one_line_if_it_stays_away(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    with private_redis() as server:
+        backend = app_for(server.url).backend
+        server.stop()
+        pauses: list[float] = []
+
+        def restart_at_first_pause(seconds: float) -> None:
+            pauses.append(seconds)
+            if len(pauses) == 1:
+                server.start()  # the new primary, as a failover promotes one
+
+        monkeypatch.setattr(broker_transport, "sleep", restart_at_first_pause)
+        backend.store_result("stored-late", 7, states.SUCCESS)
+        assert pauses == [broker_transport.RESULT_STORE_FIRST_PAUSE]
+        assert backend.get_task_meta("stored-late")["result"] == 7
+
+        server.stop()
+        monkeypatch.setattr(broker_transport, "sleep", time.sleep)
+        monkeypatch.setattr(broker_transport, "RESULT_STORE_PATIENCE_SECONDS", 0.5)
+        with caplog.at_level(logging.WARNING, logger=broker_transport.__name__):
+            backend.store_result("never-stored", None, states.SUCCESS)  # does not raise
+        (line,) = (record.getMessage() for record in caplog.records)
+        assert "task never-stored: its state (SUCCESS) is not stored" in line
+        assert not any(record.exc_info for record in caplog.records)
 
 
 def test_the_start_up_check_refuses_a_wrong_password_and_waits_for_a_missing_server() -> None:
