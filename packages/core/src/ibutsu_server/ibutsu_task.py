@@ -29,8 +29,10 @@ from typing import TYPE_CHECKING, Any
 
 import kombu.exceptions
 import redis.exceptions
+from billiard.common import terminate_handler_fired  # pants: no-infer-dep
 from celery import Task
 from celery.exceptions import Retry
+from celery.platforms import EX_FAILURE
 from sqlalchemy import exc as sa_exc
 
 from ibutsu_server.db.sessions import after_commit
@@ -202,6 +204,14 @@ class IbutsuTask(Task):  # type: ignore[misc]
         except Retry:
             raise
         except Exception as exc:
+            if terminate_handler_fired():
+                # This pool process is being stopped (SIGTERM past the soft shutdown timeout)
+                # and the error is the stop's doing: its SystemExit, raised where the task was,
+                # can reach us as another error (a COPY whose reader it interrupted). Recording a
+                # final failure or sending a retry would end the work here, and Celery would
+                # acknowledge a plain error; a SystemExit loses the job with the process, so its
+                # message goes back to the queue for another worker.
+                raise SystemExit(EX_FAILURE) from exc
             first = self._first_failure()
             if is_transient(exc) and time.time() - first < self.retry_budget_seconds:
                 delay = backoff_delay(

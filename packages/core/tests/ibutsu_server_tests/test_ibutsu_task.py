@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
+import billiard.common  # pants: no-infer-dep
 import pytest
 import redis
 from sqlalchemy import func, select
@@ -88,6 +89,23 @@ def test_rollback_leaves_no_rows_sends_nothing_and_records_the_failure(app: Flas
     assert ("tests.follow_up", [key]) not in _queued(app)
     assert _users(app, key) == 0
     assert _users(app, f"{key}-failed") == 1  # on_final_failure, in a transaction of its own
+
+
+def test_a_task_its_pool_process_is_stopping_records_no_failure_and_sends_no_retry(
+    app: FlaskCelery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What billiard's SIGTERM handler sets in a pool process before it raises SystemExit.
+    monkeypatch.setattr(billiard.common, "_should_have_exited", [True])
+    failing, transient = f"stopping-{uuid.uuid4().hex}", f"stopping-{uuid.uuid4().hex}"
+    # A SystemExit, which Celery does not report as the task's failure: the job is lost with
+    # the process and its message handed back.
+    with pytest.raises(SystemExit):
+        app.tasks["tests.insert_then"].apply(args=[failing, True])
+    assert (_users(app, failing), _users(app, f"{failing}-failed")) == (0, 0)
+    with pytest.raises(SystemExit):
+        app.tasks["tests.lose_connection"].apply(args=[transient, 1])
+    assert RECORDED[f"{transient}:attempts"] == [0]  # not retried
+    assert _users(app, f"{transient}-%") == 0
 
 
 def test_a_checkpoint_commits_on_purpose_and_sends_what_was_queued(app: FlaskCelery) -> None:
