@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import redis
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
@@ -23,6 +27,7 @@ from ibutsu_testing.services import (
     settings_for,
     wait_for,
 )
+from ibutsu_worker.process.metrics import StartedFilesCollector
 from ibutsu_worker.submission import Submitter
 from ibutsu_worker.summaries import lock_keys
 from ibutsu_worker_tests.builders import add_run
@@ -156,3 +161,16 @@ def test_liveness_fails_while_the_event_loop_is_stuck_and_not_before(
         wait_for(lambda: http_get(port, "/healthz")[0] == 200, timeout=30)
     holder.close()
     submitter.close()
+
+
+def test_a_scrape_leaves_out_the_file_of_a_child_starting_this_instant(tmp_path: Path) -> None:
+    """A child's metrics file is created empty, then sized: a scrape in between must not fail,
+    and must still count every other child."""
+    child = "from prometheus_client import Counter; Counter('probe', 'a probe').inc(3)"
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", child], env=env, check=True)
+    (tmp_path / "counter_999999.db").touch()  # as a child that has just opened its file
+    registry = CollectorRegistry()
+    StartedFilesCollector(registry, path=str(tmp_path))  # type: ignore[no-untyped-call]
+    samples = _samples(generate_latest(registry).decode())
+    assert _value(samples, "probe_total") == 3

@@ -8,7 +8,10 @@ replaced child starts files of its own, so nothing is counted twice.
 
 from __future__ import annotations
 
+import glob
+import os
 from collections.abc import Callable, Iterable
+from contextlib import suppress
 
 from prometheus_client import (
     CollectorRegistry,
@@ -17,7 +20,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 TASK_LABELS = ["name", "hostname", "queue_name"]
@@ -43,6 +46,8 @@ RESULTS_IMPORTED = Counter("ibutsu_results_imported", "Results written by import
 ROWS_PRUNED = Counter("ibutsu_rows_pruned", "Rows deleted by pruning", ["table"])
 SUMMARY_UPDATES = Counter("ibutsu_summary_updates", "Run summary updates", ["outcome"])
 RETRIES = Counter("ibutsu_task_retries", "Retries of transient failures", ["reason"])
+# A multiprocess file's first bytes: how much of it is used.
+_FILE_HEADER_BYTES = 8
 
 
 def count(counter: Counter, name: str, hostname: str, queue: str, exception: str = "") -> None:
@@ -76,9 +81,23 @@ class WorkerStateCollector(Collector):
         yield active
 
 
+class StartedFilesCollector(multiprocess.MultiProcessCollector):
+    """prometheus_client's multiprocess collector, but for the file of a child starting this
+    instant: it creates the file empty, then sizes it. Read in between, it has no header and
+    fails the whole scrape; it holds nothing yet, so it is left out."""
+
+    def collect(self) -> Iterable[Metric]:
+        files = []
+        for path in glob.glob(os.path.join(self._path, "*.db")):
+            with suppress(FileNotFoundError):
+                if os.path.getsize(path) >= _FILE_HEADER_BYTES:
+                    files.append(path)
+        return self.merge(files, accumulate=True)  # type: ignore[no-untyped-call,no-any-return]
+
+
 def render(state: Collector) -> bytes:
     """Every child's and the main process's samples, summed, in the text format."""
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    StartedFilesCollector(registry)  # type: ignore[no-untyped-call]
     registry.register(state)
     return bytes(generate_latest(registry))
