@@ -14,10 +14,9 @@ each), which one plain DELETE pays alike; the rest is the heap deletes and their
 record of 54 bytes per row; a DELETE adds no index entries, vacuum removes them later), the
 batch's artifacts (a join, or through their index: Pruner._scan says which), the time index
 walked for the next batch, and a commit that does not wait for its WAL flush (Pruner._commit
-says why it need not). So batches
-cost about what one DELETE does, each holding its locks for a fraction of a second; their size
-follows how long the last one's DELETE took (BATCH_SECONDS), as a row costs several times more
-on a loaded server than on an idle one.
+says why it need not). So batches cost about what one DELETE does, each holding its locks for
+a fraction of a second; their size follows how long the last one's DELETE took
+(BATCH_SECONDS), as a row costs several times more on a loaded server than on an idle one.
 """
 
 from __future__ import annotations

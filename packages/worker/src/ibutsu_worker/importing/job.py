@@ -164,8 +164,8 @@ class _Claimed:
 # The statements every import runs, built once, with its values bound at each run: built anew
 # for every import, a statement costs more to build and look up in the compiled cache than to
 # run, and an import is mostly these when its report is small. Core rows, not ORM objects, for
-# the same reason.
-# Named unlike any column: in an UPDATE, a value named as a column is taken as that column's.
+# the same reason. The import's id is named unlike any column: in an UPDATE, a value named as a
+# column is taken as that column's.
 _IMPORT_ID = bindparam("claimed_import", type_=imports.c.id.type)
 _LOCK = (
     select(imports.c.id, imports.c.data, imports.c.status, imports.c.created)
